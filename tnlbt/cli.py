@@ -1,0 +1,166 @@
+"""The ``tnlbt`` command: synth | preprocess | train | eval | plot | index | search | serve | demo | config.
+
+Argument parsing lives here so ``tnlbt --help`` is instant; each subcommand's work is imported lazily from the
+module that owns it (``cli_<name>(args) -> int``), so torch and Ray load only when a command needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tnlbt.config import ConfigError
+
+# subcommand -> "module:function"; each function takes the parsed argparse.Namespace and returns an exit code.
+COMMANDS = {
+    "synth": "tnlbt.data.synthetic:cli_synth",
+    "preprocess": "tnlbt.data.preprocess:cli_preprocess",
+    "train": "tnlbt.train.ray_trainer:cli_train",
+    "eval": "tnlbt.evaluate:cli_eval",
+    "plot": "tnlbt.train.plots:cli_plot",
+    "index": "tnlbt.index.embed:cli_index",
+    "search": "tnlbt.index.search:cli_search",
+    "serve": "serve.app:cli_serve",
+    "demo": "tnlbt.demo:cli_demo",
+    "config": "tnlbt.cli:cli_config",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", default=default, help="preset name in configs/ (e.g. demo_cpu) or a YAML path")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. train.epochs=3 model.embed_dim=256")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tnlbt",
+        description="TNLBT cross-modal recipe retrieval on Ray: offline data, preprocessing, large-batch "
+        "training, evaluation, Qdrant indexing and a search API/UI.",
+        epilog="Run `tnlbt demo` for the whole chain on a laptop; `tnlbt COMMAND --help` for details.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("synth", help="write an offline dataset in Recipe1M's exact layout",
+                       description="Generate recipes and procedurally rendered photos grounded in each recipe, "
+                       "written as layer1.json, layer2.json, det_ingrs.json and the images/{split}/a/b/c/d tree.")
+    p.add_argument("--out", required=True, help="output folder (Recipe1M layout)")
+    p.add_argument("--recipes", type=int, default=2000, help="number of recipes (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    p.add_argument("--workers", type=int, default=0, help="parallel processes (0 = all cores)")
+    p.add_argument("--image-size", type=int, default=256, help="photo size in pixels (default 256)")
+    p.add_argument("--difficulty", type=float, default=1.0,
+                   help="0 = clean studio photos, 1 = default clutter/noise, 2 = hard")
+    p.add_argument("--no-image-share", type=float, default=0.25,
+                   help="share of train recipes written without photos (recipe-only self-supervision)")
+    p.add_argument("--preview", metavar="PNG", help="also write a contact sheet of recipes next to their photos")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+
+    p = sub.add_parser("preprocess", help="Recipe1M layout -> Parquet shards + vocab (Ray Data)",
+                       description="Stream layer1/layer2/det_ingrs, validate, tokenise (vocabulary from paired "
+                       "train recipes), decode and resize photos, write {out}/{train,val,test}/*.parquet, "
+                       "vocab.json, ingredients.json, stats.json. Bad records are skipped and counted.")
+    p.add_argument("--data", required=True, help="Recipe1M-layout folder (layer1.json, layer2.json, ...)")
+    p.add_argument("--images", default="", help="image tree root (default: DATA/images)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="redo finished work")
+    p.add_argument("--num-cpus", type=int, default=0, help="logical CPUs for a local Ray (0 = all)")
+    _add_config_args(p)
+
+    p = sub.add_parser("train", help="large-batch data-parallel training on Ray Train",
+                       description="Ray Train V2 TorchTrainer: global negatives, feature-cache accumulation, "
+                       "margin schedule, checkpoints, resume and worker fault tolerance.")
+    p.add_argument("--data", default=None, help="preprocessed folder (overrides data.processed_dir)")
+    p.add_argument("--name", default=None, help="run name (overrides train.run_name); rerun to resume")
+    p.add_argument("--resume", default=None, metavar="PATH", help="start from this checkpoint directory")
+    p.add_argument("--no-ray", action="store_true", help="run the plain PyTorch loop in this process")
+    _add_config_args(p, default="demo_cpu")
+
+    p = sub.add_parser("eval", help="medR and R@1/5/10, 1k and 10k bags, both directions",
+                       description="Embed a split with the run's best checkpoint and write metrics.json "
+                       "and the papers' table.")
+    p.add_argument("--run", required=True, help="run directory (runs/NAME) or checkpoint directory")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data", default=None, help="preprocessed folder (default: the run's config)")
+    p.add_argument("--bags", type=int, default=None, help="bags per setting (default: eval.n_bags)")
+    p.add_argument("--mode", choices=["random", "fixed"], default=None, help="bag protocol")
+
+    p = sub.add_parser("plot", help="training curves of a run as PNG")
+    p.add_argument("run", help="run directory (runs/NAME)")
+    p.add_argument("--out", default=None, help="PNG path (default RUN/curves.png)")
+
+    p = sub.add_parser("index", help="embed a split with Ray Data and load it into Qdrant")
+    p.add_argument("--run", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--data", default=None, help="preprocessed folder (default: the run's config)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--qdrant-url", default=None, help="Qdrant server URL (API key from QDRANT_API_KEY)")
+    g.add_argument("--qdrant-path", default=None, help="embedded Qdrant folder (default RUN/qdrant)")
+    p.add_argument("--store", choices=["qdrant", "edge"], default="qdrant", help="vector store backend")
+    p.add_argument("--keep", type=int, default=2, help="index versions to keep")
+
+    p = sub.add_parser("search", help="query the index from the terminal")
+    p.add_argument("--run", required=True, help="run directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", help="recipe text (title, ingredients, instructions)")
+    g.add_argument("--image", help="path to a food photo")
+    p.add_argument("-k", type=int, default=10, help="number of results")
+    p.add_argument("--qdrant-url", default=None)
+    p.add_argument("--qdrant-path", default=None)
+
+    p = sub.add_parser("serve", help="run the HTTP API and the Gradio UI on Ray Serve")
+    p.add_argument("--run", required=True, help="run directory (indexed)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--qdrant-url", default=None)
+    p.add_argument("--qdrant-path", default=None)
+
+    p = sub.add_parser("demo", help="the whole chain on a laptop: synth -> ... -> serve",
+                       description="synth (small) -> preprocess -> train -> eval -> index -> serve; reruns "
+                       "reuse finished stages.")
+    p.add_argument("--config", default="demo_cpu", help="preset (default demo_cpu)")
+    p.add_argument("--workdir", default="work/demo", help="where data and runs go (default work/demo)")
+    p.add_argument("--recipes", type=int, default=None, help="offline dataset size (default from preset)")
+    p.add_argument("--no-serve", action="store_true", help="stop after indexing")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+    p = sub.add_parser("config", help="print a preset with overrides applied, validated, as JSON")
+    _add_config_args(p)
+    return parser
+
+
+def cli_config(args: argparse.Namespace) -> int:
+    from tnlbt.config import Config
+
+    print(Config.load(args.config, args.overrides).to_json())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    module_name, func_name = COMMANDS[args.command].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args) or 0)
+    except ConfigError as e:
+        print(f"tnlbt {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        # Expected user errors (missing data, bad arguments) get one clear line, not a traceback.
+        if args.verbose:
+            raise
+        print(f"tnlbt {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
