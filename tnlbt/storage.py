@@ -1,0 +1,406 @@
+"""Paths and URIs: one set of helpers for local folders and remote object stores.
+
+Every path in the config (``data.raw_dir``, ``data.processed_dir``, ``train.runs_dir``, checkpoints) may
+be a local path (``data/processed``, ``/mnt/nfs/x``), a ``file://`` URI, or a remote URI (``s3://bucket/key``,
+``gs://bucket/key``, and any other fsspec protocol such as ``memory://`` or ``az://``). The helpers here turn
+such a string into a :class:`pyarrow.fs.FileSystem` plus a path inside it, which is what Ray Data
+(``read_parquet(..., filesystem=)``), Ray Train (``RunConfig(storage_path=, storage_filesystem=)``) and
+pyarrow itself consume.
+
+Why pyarrow.fs first and fsspec second: Ray Data and Ray Train speak pyarrow filesystems natively, and pyarrow
+ships S3 and GCS clients (no extra packages). Other protocols go through fsspec wrapped in
+``pyarrow.fs.PyFileSystem(FSSpecHandler(...))`` so callers see one type.
+
+Nothing here touches the network at import time; a filesystem is built on the first call for its scheme.
+Remote object stores have no directories, so :func:`makedirs` is a no-op there (creating "directory marker"
+objects would need bucket-level permissions that training roles often lack).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import shutil
+import threading
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "StorageError",
+    "as_text_stream",
+    "clear_filesystem_cache",
+    "copy_dir",
+    "describe",
+    "download_dir",
+    "ensure_parent",
+    "exists",
+    "is_remote",
+    "isdir",
+    "join",
+    "listdir",
+    "local_path",
+    "makedirs",
+    "open_input",
+    "open_output",
+    "ray_storage",
+    "read_bytes",
+    "read_text",
+    "register_filesystem",
+    "remove",
+    "resolve",
+    "scheme",
+    "to_ray_storage_path",
+    "upload_dir",
+    "write_bytes",
+    "write_text",
+]
+
+_LOCAL_SCHEMES = ("", "file", "local")
+_OBJECT_STORE_TYPES = ("s3", "gcs")  # pyarrow FileSystem.type_name values without real directories
+# Schemes Ray Train / Ray Data resolve themselves from the URI string on every node (credentials come from
+# each node's environment); everything else must be passed to Ray as an explicit filesystem object.
+_RAY_NATIVE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+
+_registry: dict[str, pafs.FileSystem] = {}
+_cache: dict[str, pafs.FileSystem] = {}
+_lock = threading.Lock()
+
+
+class StorageError(ValueError):
+    """A path or URI cannot be used (unknown scheme, missing bucket, ...)."""
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+def scheme(uri: str | os.PathLike[str]) -> str:
+    """The lower-case URI scheme (``"s3"``, ``"file"``), or ``""`` for a plain local path.
+
+    A single letter before ``:`` is a Windows drive, not a scheme.
+    """
+    s = os.fspath(uri)
+    if "://" not in s:
+        return ""
+    head = s.split("://", 1)[0]
+    if len(head) <= 1 or not head.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        return ""
+    return head.lower()
+
+
+def is_remote(uri: str | os.PathLike[str]) -> bool:
+    """True for anything that is not on this machine's local filesystem (``s3://``, ``gs://``, ``memory://``)."""
+    return scheme(uri) not in _LOCAL_SCHEMES
+
+
+def local_path(uri: str | os.PathLike[str]) -> str | None:
+    """The absolute local path for a local path or ``file://`` URI; ``None`` for a remote URI."""
+    s = os.fspath(uri)
+    sc = scheme(s)
+    if sc == "":
+        return os.path.abspath(os.path.expanduser(s))
+    if sc in ("file", "local"):
+        parts = urlsplit(s)
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"{s!r}: file:// URIs must name a local path (file:///abs/path)")
+        return os.path.abspath(unquote(parts.path))
+    return None
+
+
+def join(uri: str | os.PathLike[str], *parts: str) -> str:
+    """Join path parts onto a path or URI, keeping the scheme (``join("s3://b/x", "y")`` -> ``"s3://b/x/y"``)."""
+    s = os.fspath(uri)
+    if scheme(s) == "":
+        return os.path.join(s, *parts)
+    head, rest = s.split("://", 1)
+    return f"{head}://{posixpath.join(rest, *parts) if rest else posixpath.join(*parts)}"
+
+
+# -- filesystems ------------------------------------------------------------------------------------
+def register_filesystem(uri_scheme: str, fs: pafs.FileSystem | None) -> None:
+    """Route every URI with this scheme to ``fs`` (``None`` removes the route).
+
+    For tests (a ``SubTreeFileSystem`` standing in for S3) and for filesystems that need explicit options
+    (e.g. ``S3FileSystem(endpoint_override=...)`` for MinIO). The path inside ``fs`` is the URI without its
+    ``scheme://`` prefix (``s3://bucket/key`` -> ``bucket/key``), as for pyarrow's own S3/GCS filesystems.
+    """
+    key = uri_scheme.lower()
+    with _lock:
+        if fs is None:
+            _registry.pop(key, None)
+        else:
+            _registry[key] = fs
+
+
+def clear_filesystem_cache() -> None:
+    """Forget the filesystems built so far (new credentials or environment variables take effect)."""
+    with _lock:
+        _cache.clear()
+
+
+def _s3_filesystem(uri: str) -> pafs.FileSystem:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if region or endpoint:
+        # Built directly: no network call. (from_uri would first ask S3 for the bucket's region.)
+        return pafs.S3FileSystem(region=region or "us-east-1", endpoint_override=endpoint or None)
+    fs, _ = pafs.FileSystem.from_uri(uri)  # resolves the bucket's region once (one HEAD request)
+    return fs
+
+
+def _fsspec_filesystem(sc: str) -> pafs.FileSystem:
+    try:
+        import fsspec
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+    except ImportError as e:  # pragma: no cover - fsspec is a declared dependency
+        raise StorageError(f"{sc}:// needs fsspec ({e})") from e
+    try:
+        fs = fsspec.filesystem(sc)
+    except (ImportError, ValueError) as e:
+        raise StorageError(
+            f"no filesystem for {sc}:// ({e}); install the fsspec backend for it or use s3://, gs://, file://"
+        ) from e
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def _filesystem_for(sc: str, uri: str) -> pafs.FileSystem:
+    # S3 clients are region-bound and the region is looked up per bucket, so cache per bucket there.
+    key = f"{sc}://{urlsplit(uri).netloc}" if sc in ("s3", "s3a") else sc
+    with _lock:
+        if sc in _registry:
+            return _registry[sc]
+        if key in _cache:
+            return _cache[key]
+    if sc in ("s3", "s3a"):
+        fs = _s3_filesystem(uri if sc == "s3" else "s3://" + uri.split("://", 1)[1])
+    elif sc in ("gs", "gcs"):
+        fs = pafs.GcsFileSystem()
+    elif sc == "hdfs":
+        fs, _ = pafs.FileSystem.from_uri(uri)
+    else:
+        fs = _fsspec_filesystem(sc)
+    with _lock:
+        _cache.setdefault(key, fs)
+        return _cache[key]
+
+
+def _inner_path(sc: str, uri: str, fs: pafs.FileSystem) -> str:
+    rest = uri.split("://", 1)[1]
+    if isinstance(fs, pafs.PyFileSystem):
+        # fsspec filesystems define their own root conventions (memory:// -> "/x", az:// -> "container/x").
+        handler = fs.handler
+        inner = getattr(handler, "fs", None)
+        if inner is not None and hasattr(inner, "_strip_protocol"):
+            return inner._strip_protocol(uri)
+    return rest.rstrip("/") or rest
+
+
+def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or URI.
+
+    Local paths and ``file://`` URIs give ``LocalFileSystem`` and an absolute path; ``s3://b/k`` gives
+    ``S3FileSystem`` and ``b/k``; ``gs://b/k`` gives ``GcsFileSystem`` and ``b/k``; other schemes go through
+    fsspec. Raises :class:`StorageError` for a scheme nobody handles.
+    """
+    s = os.fspath(uri)
+    sc = scheme(s)
+    if sc in _registry:
+        fs = _registry[sc]
+        return fs, _inner_path(sc, s, fs)
+    lp = local_path(s)
+    if lp is not None:
+        return pafs.LocalFileSystem(), lp
+    fs = _filesystem_for(sc, s)
+    path = _inner_path(sc, s, fs)
+    if sc in ("s3", "s3a", "gs", "gcs") and not path.split("/", 1)[0]:
+        raise StorageError(f"{s!r}: missing bucket name ({sc}://BUCKET/path)")
+    return fs, path
+
+
+def _is_object_store(fs: pafs.FileSystem) -> bool:
+    return fs.type_name in _OBJECT_STORE_TYPES
+
+
+# -- queries ----------------------------------------------------------------------------------------
+def exists(uri: str | os.PathLike[str]) -> bool:
+    """True if a file or directory (or, on object stores, a key prefix) exists at ``uri``."""
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def isdir(uri: str | os.PathLike[str]) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def listdir(uri: str | os.PathLike[str]) -> list[str]:
+    """Sorted entry names (not paths) directly under ``uri``; ``[]`` if it does not exist."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+
+# -- reading and writing ----------------------------------------------------------------------------
+def makedirs(uri: str | os.PathLike[str]) -> None:
+    """Create a directory and its parents (exist_ok). A no-op on S3/GCS, which have no directories."""
+    fs, path = resolve(uri)
+    if _is_object_store(fs):
+        return
+    fs.create_dir(path, recursive=True)
+
+
+def open_input(uri: str | os.PathLike[str]) -> IO[bytes]:
+    """A seekable binary file for reading (works with ``json.load``, ``ijson``, PIL, ``pyarrow.parquet``)."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{os.fspath(uri)}: no such file")
+    if info.type == pafs.FileType.Directory:
+        raise IsADirectoryError(f"{os.fspath(uri)}: is a directory")
+    return fs.open_input_file(path)
+
+
+def open_output(uri: str | os.PathLike[str]) -> IO[bytes]:
+    """A binary file for writing (truncates); parent directories are created on local filesystems.
+
+    Object stores make the object visible only when the stream is closed, so use it as a context manager.
+    """
+    fs, path = resolve(uri)
+    parent = posixpath.dirname(path)
+    if parent and not _is_object_store(fs):
+        fs.create_dir(parent, recursive=True)
+    return fs.open_output_stream(path)
+
+
+def read_bytes(uri: str | os.PathLike[str]) -> bytes:
+    with open_input(uri) as f:
+        return f.read()
+
+
+def read_text(uri: str | os.PathLike[str], encoding: str = "utf-8") -> str:
+    return read_bytes(uri).decode(encoding)
+
+
+def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
+    with open_output(uri) as f:
+        f.write(data)
+
+
+def write_text(uri: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    write_bytes(uri, text.encode(encoding))
+
+
+def remove(uri: str | os.PathLike[str], missing_ok: bool = True) -> None:
+    """Delete a file or a whole directory tree."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        if not missing_ok:
+            raise FileNotFoundError(os.fspath(uri))
+        return
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    else:
+        fs.delete_file(path)
+
+
+# -- whole directories (checkpoints, processed data) ------------------------------------------------
+def copy_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy a directory tree between any two locations (local <-> S3, S3 -> GCS, ...)."""
+    sfs, spath = resolve(src)
+    dfs, dpath = resolve(dst)
+    if sfs.get_file_info(spath).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{os.fspath(src)}: not a directory")
+    if not _is_object_store(dfs):
+        dfs.create_dir(dpath, recursive=True)
+    pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs, use_threads=True)
+
+
+def download_dir(uri: str | os.PathLike[str], local_dir: str | os.PathLike[str]) -> str:
+    """Make a directory available locally; returns the local path.
+
+    A local ``uri`` is returned as is (no copy); a remote one is copied into ``local_dir`` first (e.g. a
+    checkpoint on S3 before ``load_model``, which reads with plain ``open``).
+    """
+    lp = local_path(uri)
+    if lp is not None:
+        return lp
+    target = os.path.abspath(os.fspath(local_dir))
+    if os.path.isdir(target):
+        shutil.rmtree(target)  # a stale partial copy would mix two checkpoints
+    copy_dir(uri, target)
+    return target
+
+
+def upload_dir(local_dir: str | os.PathLike[str], uri: str | os.PathLike[str]) -> None:
+    """Copy a local directory to ``uri`` (which may be local too)."""
+    src = os.path.abspath(os.fspath(local_dir))
+    lp = local_path(uri)
+    if lp is not None and os.path.abspath(lp) == src:
+        return
+    copy_dir(src, uri)
+
+
+# -- Ray --------------------------------------------------------------------------------------------
+def to_ray_storage_path(uri: str | os.PathLike[str]) -> str:
+    """The string for ``RunConfig(storage_path=...)``: an absolute local path, or an ``s3://``/``gs://`` URI.
+
+    Ray resolves ``s3://``/``gs://`` itself on every node. For schemes Ray cannot resolve (``memory://``, a
+    scheme routed with :func:`register_filesystem`), use :func:`ray_storage`, which also returns the
+    filesystem object; this function raises :class:`StorageError` for them.
+    """
+    path, fs = ray_storage(uri)
+    if fs is not None:
+        raise StorageError(
+            f"{os.fspath(uri)!r}: Ray cannot resolve {scheme(uri)}:// by itself; use "
+            "tnlbt.storage.ray_storage() and pass storage_filesystem= too"
+        )
+    return path
+
+
+def ray_storage(uri: str | os.PathLike[str]) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``.
+
+    ``storage_filesystem`` is ``None`` when Ray can resolve the path by itself (local, s3, gs), which is what
+    a multi-node cluster wants: each node builds its own client with its own credentials. Otherwise the path
+    is stripped of its scheme, as Ray requires together with an explicit filesystem.
+    """
+    s = os.fspath(uri)
+    sc = scheme(s)
+    if sc in _registry:
+        fs, path = resolve(s)
+        return path, fs
+    lp = local_path(s)
+    if lp is not None:
+        return lp, None
+    if sc in _RAY_NATIVE_SCHEMES:
+        return ("gs://" + s.split("://", 1)[1]) if sc == "gcs" else s.rstrip("/"), None
+    fs, path = resolve(s)
+    return path, fs
+
+
+def describe(uri: str | os.PathLike[str]) -> dict[str, Any]:
+    """A small dict for logs and error messages: scheme, remote flag, filesystem type and inner path."""
+    fs, path = resolve(uri)
+    return {"uri": os.fspath(uri), "scheme": scheme(uri) or "local", "remote": is_remote(uri),
+            "filesystem": fs.type_name, "path": path}
+
+
+def as_text_stream(binary: IO[bytes], encoding: str = "utf-8") -> io.TextIOWrapper:
+    """Wrap a binary stream from :func:`open_input` for line-by-line text reading."""
+    return io.TextIOWrapper(binary, encoding=encoding)  # type: ignore[arg-type]
+
+
+def ensure_parent(uri: str | os.PathLike[str]) -> None:
+    """Create the parent directory of a file URI (no-op on object stores)."""
+    s = os.fspath(uri)
+    if scheme(s) == "":
+        Path(os.path.abspath(s)).parent.mkdir(parents=True, exist_ok=True)
+        return
+    fs, path = resolve(s)
+    parent = posixpath.dirname(path)
+    if parent and not _is_object_store(fs):
+        fs.create_dir(parent, recursive=True)
