@@ -50,7 +50,10 @@ class DataConfig:
     image_jpeg_quality: int = 90
     max_images_per_recipe: int = 5
     max_image_pixels: int = 64_000_000  # decompression-bomb limit
-    rows_per_file: int = 2048  # Parquet rows per output file / row group size for training reads
+    min_image_side: int = 16  # photos with a shorter side below this are rejected (too_small)
+    max_image_aspect: float = 10.0  # long/short side above this is rejected (resizing would explode it)
+    row_group_rows: int = 256  # Parquet row group size inside each file (random access reads one group)
+    rows_per_file: int = 2048  # max Parquet rows per output file (one preprocessing task writes one file)
     preprocess_cpus: float = 0.0  # logical CPUs for Ray Data (0 = all)
 
     def __post_init__(self) -> None:
@@ -62,6 +65,9 @@ class DataConfig:
         _check(1 <= self.image_jpeg_quality <= 100, "data.image_jpeg_quality", "must be in 1..100")
         _check(self.max_images_per_recipe >= 1, "data.max_images_per_recipe", "must be >= 1")
         _check(self.rows_per_file >= 16, "data.rows_per_file", "must be >= 16")
+        _check(self.min_image_side >= 1, "data.min_image_side", "must be >= 1")
+        _check(self.max_image_aspect >= 1.0, "data.max_image_aspect", "must be >= 1")
+        _check(self.row_group_rows >= 1, "data.row_group_rows", "must be >= 1")
         _check(self.preprocess_cpus >= 0, "data.preprocess_cpus", "must be >= 0")
 
     @property
@@ -95,6 +101,7 @@ class ModelConfig:
     adversarial: bool = True  # modality discriminator (WGAN-GP) on embeddings
     disc_hidden: int = 512
     ingredient_head: bool = True  # image -> ingredients multi-label head
+    ingredient_hidden: int = 512  # ingredient head MLP: D -> h -> h/2 -> n_ingredients (ACME: 512)
     generator: bool = True  # recipe -> image conditional GAN
     gen_image_size: Literal[64, 128] = 64
     gen_channels: int = 64  # base width of generator / image discriminator
@@ -114,6 +121,8 @@ class ModelConfig:
                f"must divide model.text_width ({self.text_width})")
         _check(self.itm_negatives >= 1, "model.itm_negatives", "must be >= 1")
         _check(self.gen_channels >= 4, "model.gen_channels", "must be >= 4")
+        _check(self.ingredient_hidden >= 2, "model.ingredient_hidden", "must be >= 2")
+        _check(self.disc_hidden >= 2, "model.disc_hidden", "must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor
     grad_clip: float = 0.0  # 0 = off
     freeze_backbone_epochs: int = 0  # image backbone frozen for the first N epochs (AdaMine/H-T stage 1)
+    optimizer: Literal["adam", "adamw"] = "adam"  # main encoders (H-T: Adam, wd 0)
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0")
@@ -213,6 +223,10 @@ class TrainConfig:
     val_bags: int = 10
     fail_at_step: int = -1  # fault injection for tests: rank 0 raises once at this global step
     max_failures: int = 2
+    shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer (with per-epoch block-order shuffle)
+    image_pick: Literal["random", "first"] = "random"  # which of a recipe's photos a paired row uses
+    val_max_rows: int = 0  # cap on val rows embedded per epoch (0 = the whole split)
+    steps_per_epoch_hint: int = 0  # paired steps per epoch for schedules when the split size is unknown (0 = count)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_name) and "/" not in self.run_name, "train.run_name",
@@ -227,6 +241,9 @@ class TrainConfig:
         _check(self.val_bag_size >= 2, "train.val_bag_size", "must be >= 2")
         _check(self.val_bags >= 1, "train.val_bags", "must be >= 1")
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+        _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0 (0 = off)")
+        _check(self.val_max_rows >= 0, "train.val_max_rows", "must be >= 0")
+        _check(self.steps_per_epoch_hint >= 0, "train.steps_per_epoch_hint", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -392,6 +409,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept any number Python can parse.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

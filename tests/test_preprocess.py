@@ -1,0 +1,220 @@
+"""Preprocessing: exact counts on the hostile corpus, Parquet schema, vocabulary rules, idempotent reruns."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from hostile_corpus import write_hostile_corpus
+
+from tnlbt.config import DataConfig
+from tnlbt.data.images import decode_rgb
+from tnlbt.data.preprocess import encode_recipe_text, read_raw
+from tnlbt.data.schema import RECIPE_SCHEMA, check_schema
+from tnlbt.data.vocab import END_ID, START_ID, Vocab, build_vocab
+
+CFG = DataConfig(
+    min_word_count=1, image_short_side=32, rows_per_file=16, row_group_rows=4, max_title_tokens=6
+)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("hostile")
+    return root, write_hostile_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def processed(ray_session, hostile, tmp_path_factory) -> tuple[Path, dict, dict]:
+    from tnlbt.data.preprocess import preprocess
+
+    root, expect = hostile
+    out = tmp_path_factory.mktemp("processed")
+    return out, preprocess(root, out, CFG), expect
+
+
+def test_encode_recipe_text_limits() -> None:
+    vocab = build_vocab(Counter({"cup": 3, "rice": 3, "boil": 3}), 1)
+    cfg = DataConfig(max_ingredients=3, max_instructions=3, max_line_tokens=4, max_title_tokens=3)
+    enc = encode_recipe_text(
+        vocab, cfg, "Rice rice rice", ["1 cup rice", "", "cup", "rice", "x", "y"], ["Boil.", "  "]
+    )
+    assert enc["title_ids"] == [START_ID, vocab.word_id("rice"), vocab.word_id("rice")]
+    assert len(enc["ingredient_ids"]) == 3 and all(len(x) <= 4 for x in enc["ingredient_ids"])
+    assert enc["ingredient_ids"][1] == [START_ID, vocab.word_id("cup"), END_ID]  # the empty line was skipped
+    assert enc["instruction_ids"] == [[START_ID, vocab.word_id("boil"), vocab.word_id("."), END_ID]]
+
+
+def test_driver_stage_counts_without_ray(hostile, tmp_path) -> None:
+    root, expect = hostile
+    raw = read_raw(root, tmp_path, CFG)
+    assert raw["records_input"] == expect["input"]
+    assert raw["rejected"]["counts"] == expect["rejected"]
+    assert raw["dropped"]["counts"] == {"no_image_eval": expect["dropped"]["no_image_eval"]}
+    assert raw["layer2"] == {
+        "entries": raw["layer2"]["entries"],
+        "bad_entries": 1,
+        "duplicate_ids": 1,
+        "orphans": 1,
+    }
+    assert raw["parse_errors"] == []
+    per_shard = [len(Path(s).read_text().splitlines()) for s in raw["shards"]]
+    assert sum(per_shard) == raw["kept_before_photos"]
+    assert max(per_shard) <= CFG.rows_per_file
+
+
+@pytest.mark.ray
+def test_hostile_counts_are_exact(processed) -> None:
+    _, stats, expect = processed
+    rec, ph = stats["records"], stats["photos"]
+    assert rec["input"] == expect["input"]
+    assert rec["rejected"] == expect["rejected"]
+    assert rec["dropped"] == expect["dropped"]
+    assert rec["kept"] + sum(rec["rejected"].values()) + sum(rec["dropped"].values()) == rec["input"]
+    assert rec["balanced"] and ph["balanced"]
+    assert {k: ph[k] for k in ("listed", "ok", "unused_over_limit")} == {
+        k: expect["photos"][k] for k in ("listed", "ok", "unused_over_limit")
+    }
+    want_rejected = {k: v for k, v in expect["photos"]["rejected"].items()}
+    assert ph["rejected"] == want_rejected
+    assert ph["formats"] == {"JPEG": ph["ok"] - 5, "PNG": 4, "WEBP": 1}  # png/webp named .jpg decode
+    for split in ("train", "val", "test"):
+        got = stats["splits"][split]
+        assert got["paired"] == expect["splits"][split].get("paired", 0), split
+        assert got["recipe_only"] == expect["splits"][split].get("recipe_only", 0), split
+    for reason, ids in rec["examples"].items():
+        assert 1 <= len(ids) <= 5, reason
+
+
+@pytest.mark.ray
+def test_parquet_schema_and_rows(processed) -> None:
+    out, _, expect = processed
+    vocab = Vocab.load(out / "vocab.json")
+    n_labels = len(json.loads((out / "ingredients.json").read_text())["names"])
+    ids, paired = set(), set()
+    for split in ("train", "val", "test"):
+        files = sorted((out / split).glob("part-*.parquet"))
+        assert files, split
+        for f in files:
+            pf = pq.ParquetFile(f)
+            assert check_schema(pf.schema_arrow) == [] and pf.schema_arrow.equals(RECIPE_SCHEMA)
+            assert pf.metadata.num_rows <= CFG.rows_per_file
+            assert all(
+                pf.metadata.row_group(i).num_rows <= CFG.row_group_rows
+                for i in range(pf.metadata.num_row_groups)
+            )
+            for row in pf.read().to_pylist():
+                assert row["partition"] == split and row["id"] not in ids
+                ids.add(row["id"])
+                assert row["has_image"] == bool(row["images"]) and len(row["images"]) == len(row["image_ids"])
+                assert len(row["images"]) <= CFG.max_images_per_recipe
+                if row["has_image"]:
+                    paired.add(row["id"])
+                    img = decode_rgb(row["images"][0])
+                    assert img.mode == "RGB" and min(img.size) == CFG.image_short_side
+                assert row["title_ids"][0] == START_ID and len(row["title_ids"]) <= CFG.max_title_tokens
+                assert 1 <= len(row["ingredient_ids"]) <= CFG.max_ingredients
+                assert all(0 < t < len(vocab) for line in row["instruction_ids"] for t in line)
+                assert all(0 <= k < n_labels for k in row["ingredient_labels"])
+                if split != "train":
+                    assert row["has_image"]
+    assert ids == expect["kept_ids"] and paired == expect["paired_ids"]
+    assert (out / "_SUCCESS").is_file() and not (out / "_work").exists()
+    assert json.loads((out / "config.json").read_text())["data"]["image_short_side"] == 32
+
+
+@pytest.mark.ray
+def test_vocab_from_paired_train_only(processed) -> None:
+    out, _, _ = processed
+    vocab = Vocab.load(out / "vocab.json")
+    assert vocab.tokens[:3] == ["<pad>", "<start>", "<end>"] and vocab.tokens[-1] == "<unk>"
+    assert "tomato" in vocab and "bake" in vocab and "1/2" not in vocab
+    assert "quinoaonly" not in vocab and "zucchinival" not in vocab  # recipe-only train / val words
+
+
+@pytest.mark.ray
+def test_rerun_is_idempotent_and_guarded(processed, hostile) -> None:
+    from tnlbt.data.preprocess import preprocess
+
+    out, stats, _ = processed
+    root, _ = hostile
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    again = preprocess(root, out, CFG)
+    assert again["skipped"] is True and again["records"] == stats["records"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == files
+    with pytest.raises(ValueError, match="--overwrite"):
+        preprocess(root, out, DataConfig(min_word_count=2, image_short_side=32))
+
+
+@pytest.mark.ray
+def test_cli_overwrite(processed, hostile, tmp_path, capsys) -> None:
+    from tnlbt.cli import main
+
+    root, expect = hostile
+    out = tmp_path / "cli"
+    (out / "train").mkdir(parents=True)
+    (out / "notes.txt").write_text("user file")  # not ours: must survive --overwrite
+    args = [
+        "preprocess",
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "data.min_word_count=2",
+        "data.image_short_side=48",
+        "data.rows_per_file=1000",
+    ]
+    assert main(args) == 0
+    assert main([*args[:5], "--overwrite", *args[5:]]) == 0
+    text = capsys.readouterr().out
+    assert f"records: {expect['input']} in" in text
+    assert (out / "notes.txt").read_text() == "user file"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["records"]["balanced"] and stats["vocab"]["min_count"] == 2
+    assert len(list((out / "train").glob("part-*.parquet"))) == 2  # one paired + one recipe-only file
+
+
+def test_rebalance_small_corpus_keeps_every_line(tmp_path) -> None:
+    from tnlbt.data.preprocess import rebalance_shards
+
+    (tmp_path / "train-p-00000.jsonl").write_text("".join(f'{{"i": {i}}}\n' for i in range(100)))
+    (tmp_path / "val-p-00000.jsonl").write_text("".join(f'{{"i": {i}}}\n' for i in range(100, 110)))
+    shards = [str(tmp_path / "train-p-00000.jsonl"), str(tmp_path / "val-p-00000.jsonl")]
+    out = rebalance_shards(shards, tmp_path, min_shards=4, min_rows=8)
+    lines = [json.loads(x)["i"] for s in out for x in Path(s).read_text().splitlines()]
+    assert sorted(lines) == list(range(110)) and len(out) == 5  # 28-row shards: 4 train + 1 val
+    assert all(Path(s).name.split("-")[0] == ("val" if "val" in s else "train") for s in out)
+    assert rebalance_shards(out, tmp_path, min_shards=2) == out  # enough shards: untouched
+
+
+def test_shard_task_resumes_from_done_marker(hostile, tmp_path) -> None:
+    """The Ray UDF called directly (no cluster): a finished shard is not processed twice."""
+    from tnlbt.data.preprocess import _process_batch
+    from tnlbt.data.vocab import IngredientVocab
+
+    root, _ = hostile
+    raw = read_raw(root, tmp_path, CFG)
+    shard = next(s for s in raw["shards"] if Path(s).name.startswith("val-"))
+    done = tmp_path / "done"
+    done.mkdir()
+    kwargs = dict(
+        out_dir=str(tmp_path / "out"),
+        done_dir=str(done),
+        vocab=build_vocab(Counter(a=1), 1),
+        ingredients=IngredientVocab([]),
+        cfg_dict=CFG.__dict__.copy(),
+        images_dir=str(root / "images"),
+    )
+    first = json.loads(_process_batch({"path": [shard]}, **kwargs)["result"][0])
+    part = tmp_path / "out" / "val" / "part-p00000.parquet"
+    assert first["file"] == part.name and part.is_file() and first["rows"]["paired"] >= 1
+    part.unlink()  # a second call with the same shard content reads the done marker, writes nothing
+    again = json.loads(_process_batch({"path": [shard]}, **kwargs)["result"][0])
+    assert again == first and not part.exists()
+    with open(shard, "a") as fh:  # different content under the same name (shards cut differently): redone
+        fh.write(Path(shard).read_text().splitlines(keepends=True)[0])
+    third = json.loads(_process_batch({"path": [shard]}, **kwargs)["result"][0])
+    assert part.exists() and sum(third["rows"].values()) == sum(first["rows"].values()) + 1

@@ -1,0 +1,136 @@
+"""Streaming Recipe1M reader: record validation, invalid UTF-8, broken JSON, image paths."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from tnlbt.data.recipe1m import (
+    Utf8Sanitizer,
+    clean_det_ingrs,
+    clean_layer1,
+    clean_layer2,
+    image_path,
+    iter_json_array,
+)
+
+GOOD = {
+    "id": "000018c8a5",
+    "title": " Worlds Best Mac and Cheese ",
+    "partition": "train",
+    "url": "u",
+    "ingredients": [{"text": "6 ounces penne"}, {"text": "  "}, {"text": "2 cups milk"}],
+    "instructions": [{"text": "Preheat oven."}, {"text": "Bake."}],
+}
+
+
+def test_clean_layer1_good_record() -> None:
+    rec, reason = clean_layer1(GOOD)
+    assert reason is None
+    assert rec == {
+        "id": "000018c8a5",
+        "title": "Worlds Best Mac and Cheese",
+        "partition": "train",
+        "ingredients": ["6 ounces penne", "2 cups milk"],
+        "instructions": ["Preheat oven.", "Bake."],
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"id": None}, "missing_field"),
+        ({"id": 5}, "bad_type"),
+        ({"id": ""}, "bad_id"),
+        ({"title": ["x"]}, "bad_type"),
+        ({"ingredients": {"text": "x"}}, "bad_type"),
+        ({"ingredients": ["x"]}, "bad_type"),
+        ({"instructions": [{"txt": "x"}]}, "bad_type"),
+        ({"partition": "dev"}, "bad_partition"),
+        ({"ingredients": []}, "empty_ingredients"),
+        ({"instructions": [{"text": " "}]}, "empty_instructions"),
+        ({"title": "caf\ufdd0"}, "invalid_utf8"),
+        ({"instructions": [{"text": "a\udc80"}]}, "invalid_utf8"),
+    ],
+)
+def test_clean_layer1_rejections(change: dict, reason: str) -> None:
+    assert clean_layer1({**GOOD, **change}) == (None, reason)
+    assert clean_layer1([GOOD]) == (None, "not_object")
+
+
+def test_partition_is_normalised() -> None:
+    rec, _ = clean_layer1({**GOOD, "partition": " Val "})
+    assert rec is not None and rec["partition"] == "val"
+
+
+def test_layer2_and_det_entries() -> None:
+    rid, ids = clean_layer2({"id": "r1", "images": [{"id": "3e233001e2.jpg"}, {"id": "../x.jpg"}, "x", {}]})
+    assert rid == "r1" and ids == ["3e233001e2.jpg", "", "", ""]
+    assert clean_layer2({"id": "r1"}) == (None, None)
+    rid, names = clean_det_ingrs(
+        {
+            "id": "r1",
+            "ingredients": [{"text": "Penne_Pasta"}, {"text": "milk"}, {"text": "x"}],
+            "valid": [True, True, False],
+        }
+    )
+    assert (rid, names) == ("r1", ["penne pasta", "milk"])
+    assert clean_det_ingrs({"id": "r1", "ingredients": [{"text": "a"}]}) == (None, None)
+
+
+def test_image_path_layout(tmp_path) -> None:
+    assert image_path(tmp_path, "val", "ef3dc0de11.jpg") == tmp_path / "val/e/f/3/d/ef3dc0de11.jpg"
+
+
+def test_stream_skips_invalid_utf8_record_only(tmp_path) -> None:
+    items = [json.dumps({**GOOD, "id": f"r{i}"}).encode() for i in range(4)]
+    items[1] = items[1].replace(b"Worlds", b"W\xff\xc3rlds")
+    items[2] = items[2].replace(b"penne", b"pen\\udc80ne")
+    (tmp_path / "l1.json").write_bytes(b"\xef\xbb\xbf[" + b",".join(items) + b"]")
+    out = [clean_layer1(x) for x in iter_json_array(tmp_path / "l1.json")]
+    assert [r for _, r in out] == [None, "invalid_utf8", "invalid_utf8", None]
+    assert [rec["id"] for rec, _ in out if rec] == ["r0", "r3"]
+
+
+def test_truncated_json_keeps_records_before_the_error(tmp_path) -> None:
+    text = json.dumps([{**GOOD, "id": f"r{i}"} for i in range(5)])
+    (tmp_path / "l1.json").write_text(text[: len(text) * 3 // 4])
+    errors: list[str] = []
+    got = list(iter_json_array(tmp_path / "l1.json", errors))
+    assert 1 <= len(got) < 5 and len(errors) == 1 and "JSON error" in errors[0]
+
+
+def test_not_an_array_is_a_clear_error(tmp_path) -> None:
+    (tmp_path / "l1.json").write_text('{"id": 1}')
+    with pytest.raises(ValueError, match="expected a JSON array"):
+        list(iter_json_array(tmp_path / "l1.json"))
+
+
+def test_sanitizer_chunking_matches_whole_file_decode() -> None:
+    """Chunked streaming (any chunk size) vs a brute-force whole-buffer decode of the same bytes."""
+    src = (
+        rb'["a\udc80b", "\\udc80", "\ud83d\ude00", "x\ud800y", "qqqqqqqq\ud83d", "\\\ud800", "caf'
+        + b"\xc3\xa9"
+        + b'", "bad\xff\xfe", "\xe2\x82"]'
+    )
+    want = [
+        "a\ufdd0b",
+        "\\udc80",
+        "\U0001f600",
+        "x\ufdd0y",
+        "qqqqqqqq\ufdd0",
+        "\\\ufdd0",
+        "café",
+        "bad\ufdd0\ufdd0",
+        "\ufdd0",
+    ]
+    whole = Utf8Sanitizer(io.BytesIO(src), chunk_size=1 << 20).read()
+    assert json.loads(whole) == want
+    for chunk in (1, 2, 3, 5, 7, 11, 13):
+        f = Utf8Sanitizer(io.BytesIO(src), chunk_size=chunk)
+        parts = []
+        while piece := f.read(4):
+            parts.append(piece)
+        assert b"".join(parts) == whole, chunk

@@ -1,0 +1,89 @@
+"""A plain map-style torch Dataset over one processed split (``OUT/{split}/part-*.parquet``), no Ray needed.
+
+Used by the non-Ray training loop, evaluation and tests. Only the ``has_image`` column is read up front (to
+build the index and apply ``paired_only`` / ``recipe_only``); rows are read one Parquet row group at a time
+and the last few groups are cached, so sequential and locally shuffled access stay cheap and memory stays
+bounded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from torch.utils.data import Dataset
+
+
+def split_files(split_dir: str | Path) -> list[Path]:
+    """The split's Parquet files in a stable order."""
+    return sorted(Path(split_dir).glob("part-*.parquet"))
+
+
+class RecipeDataset(Dataset):
+    """Rows of one split as dicts with the columns of docs/contracts.md §2 (or the ``columns`` asked for)."""
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        paired_only: bool = False,
+        recipe_only: bool = False,
+        *,
+        columns: Sequence[str] | None = None,
+        cache_row_groups: int = 4,
+    ):
+        if paired_only and recipe_only:
+            raise ValueError("RecipeDataset: paired_only and recipe_only exclude each other")
+        self.split_dir = Path(split_dir)
+        self.files = split_files(self.split_dir)
+        if not self.files:
+            raise FileNotFoundError(
+                f"no part-*.parquet files in {self.split_dir} (run `tnlbt preprocess` first)")
+        self.columns = list(columns) if columns is not None else None
+        self._cache_size = max(1, cache_row_groups)
+        self._cache: OrderedDict[tuple[int, int], list[dict[str, Any]]] = OrderedDict()
+        index = []  # (file, row group, row) for every kept row
+        for fi, path in enumerate(self.files):
+            pf = pq.ParquetFile(path)
+            for gi in range(pf.metadata.num_row_groups):
+                flags = pf.read_row_group(gi, columns=["has_image"]).column(0).to_numpy(zero_copy_only=False)
+                keep = np.ones(len(flags), bool)
+                if paired_only:
+                    keep = flags.astype(bool)
+                elif recipe_only:
+                    keep = ~flags.astype(bool)
+                for ri in np.flatnonzero(keep):
+                    index.append((fi, gi, int(ri)))
+        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _group(self, fi: int, gi: int) -> list[dict[str, Any]]:
+        key = (fi, gi)
+        rows = self._cache.get(key)
+        if rows is None:
+            table = pq.ParquetFile(self.files[fi]).read_row_group(gi, columns=self.columns)
+            rows = table.to_pylist()
+            self._cache[key] = rows
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return rows
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} rows")
+        fi, gi, ri = (int(v) for v in self.index[i])
+        return dict(self._group(fi, gi)[ri])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()  # DataLoader workers start with an empty cache
+        return state

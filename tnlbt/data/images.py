@@ -1,0 +1,154 @@
+"""Safe photo decoding for preprocessing: any PIL-readable file -> RGB -> shorter side S -> JPEG bytes.
+
+Every failure is a named reason, never an exception escaping to the pipeline:
+
+* ``missing_file``, ``empty_file`` (zero bytes), ``unreadable_file`` (I/O error);
+* ``corrupt`` (not an image PIL can identify, or a decoder error), ``truncated`` (data ends early);
+* ``too_large`` (more pixels than ``max_image_pixels``: the decompression-bomb limit, checked from the header
+  before any pixel is decoded), ``too_small`` (shorter side under ``min_image_side``), ``extreme_aspect``.
+
+Valid but unusual files are decoded, not rejected: PNG, WebP, GIF or BMP content named ``.jpg``; CMYK,
+grayscale, 16-bit, palette and alpha images (alpha is composited on white, as a photo would look on a page);
+EXIF rotation.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+PHOTO_REASONS = (
+    "missing_file", "empty_file", "unreadable_file", "corrupt", "truncated", "too_large", "too_small",
+    "extreme_aspect",
+)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Outcome of one photo: ``data`` (JPEG bytes) or a ``reason``; ``fmt``/``mode`` describe the source."""
+
+    data: bytes | None
+    reason: str | None = None
+    fmt: str | None = None
+    mode: str | None = None
+    detail: str = ""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Alpha is composited on white; 16/32-bit grey is scaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 / hi if hi > 255.0 else 1.0
+        grey = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
+    """Resize so the shorter side is exactly ``short_side`` (up or down), keeping the aspect ratio."""
+    w, h = img.size
+    scale = short_side / min(w, h)
+    size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
+    if size == (w, h):
+        return img
+    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    short_side: int = 256,
+    quality: int = 90,
+    max_pixels: int = 64_000_000,
+    min_side: int = 16,
+    max_aspect: float = 10.0,
+) -> ImageResult:
+    """Decode image bytes of any PIL format, convert to RGB, resize the shorter side, encode as JPEG."""
+    if not data:
+        return ImageResult(None, "empty_file")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey (global default)
+    fmt = mode = None
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; we apply our own limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt, mode = img.format, img.mode
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                return ImageResult(None, "corrupt", fmt, mode, "zero size")
+            if w * h > max_pixels:
+                return ImageResult(None, "too_large", fmt, mode, f"{w}x{h}")
+            if min(w, h) < min_side:
+                return ImageResult(None, "too_small", fmt, mode, f"{w}x{h}")
+            if max(w, h) / min(w, h) > max_aspect:
+                return ImageResult(None, "extreme_aspect", fmt, mode, f"{w}x{h}")
+            if fmt == "JPEG" and mode in ("RGB", "L") and min(w, h) > 2 * short_side:
+                # libjpeg decodes at a reduced DCT scale: much faster for big photos, same look after resize
+                scale = short_side / min(w, h)
+                img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            img = _to_rgb(img)
+            img = resize_short_side(img, short_side)
+            out = io.BytesIO()
+            img.save(out, format="JPEG", quality=quality)
+    except Image.DecompressionBombError as e:
+        return ImageResult(None, "too_large", fmt, mode, str(e)[:200])
+    except UnidentifiedImageError as e:
+        return ImageResult(None, "corrupt", fmt, mode, str(e)[:200])
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
+        msg = str(e)
+        reason = "truncated" if ("truncated" in msg.lower() or isinstance(e, EOFError)) else "corrupt"
+        return ImageResult(None, reason, fmt, mode, msg[:200])
+    except MemoryError:
+        return ImageResult(None, "too_large", fmt, mode, "out of memory while decoding")
+    return ImageResult(out.getvalue(), None, fmt, mode)
+
+
+def load_image_file(
+    path: str | os.PathLike[str],
+    *,
+    short_side: int = 256,
+    quality: int = 90,
+    max_pixels: int = 64_000_000,
+    min_side: int = 16,
+    max_aspect: float = 10.0,
+) -> ImageResult:
+    """Read and decode one photo file; a missing/empty/unreadable file is a reason, not an exception."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            return ImageResult(None, "missing_file")
+        if p.stat().st_size == 0:
+            return ImageResult(None, "empty_file")
+        data = p.read_bytes()
+    except OSError as e:
+        return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+    return decode_image(data, short_side=short_side, quality=quality, max_pixels=max_pixels,
+                        min_side=min_side, max_aspect=max_aspect)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Stored JPEG bytes -> RGB PIL image (used by collate and the serving code)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
