@@ -98,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="preprocessed folder (default: the run's config)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--qdrant-url", default=None, help="Qdrant server URL (API key from QDRANT_API_KEY)")
-    g.add_argument("--qdrant-path", default=None, help="embedded Qdrant folder (default RUN/qdrant)")
-    p.add_argument("--store", choices=["qdrant", "edge"], default="qdrant", help="vector store backend")
+    g.add_argument("--qdrant-path", default=None, help="embedded store folder (default RUN/edge or RUN/qdrant)")
+    p.add_argument("--store", choices=["auto", "qdrant", "edge"], default="auto",
+                   help="vector store: auto = a Qdrant server with --qdrant-url, else the embedded "
+                   "qdrant-edge engine (HNSW) when installed, else qdrant-client local mode "
+                   "(numbers: bench/results/index.json)")
     p.add_argument("--keep", type=int, default=2, help="index versions to keep")
 
     p = sub.add_parser("search", help="query the index from the terminal")

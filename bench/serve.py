@@ -1,0 +1,327 @@
+"""Serve benchmark: latency percentiles and requests/s for text->photos and photo->recipes at several
+concurrencies, with the error count.
+
+    .venv/bin/python bench/serve.py --url http://127.0.0.1:8000            # an API that is already running
+    .venv/bin/python bench/serve.py --index-size 10000 --preset tiny_test   # build a bench index and serve it
+
+Without ``--url`` the script builds a throw-away run: a randomly initialised model of ``--preset``, a few real
+recipes embedded with it, and the photo / recipe collections padded with random unit vectors up to
+``--index-size`` points each (the search cost depends on the number of vectors, not on their meaning), then
+starts Serve in-process on a free port. Results go to ``bench/results/serve.json`` (merged by setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
+WORDS = [
+    *[
+        "tomato",
+        "basil",
+        "soup",
+        "chocolate",
+        "cake",
+        "flour",
+        "sugar",
+        "butter",
+        "egg",
+        "milk",
+        "salt",
+        "pepper",
+        "garlic",
+        "onion",
+        "chicken",
+    ],
+    *[
+        "rice",
+        "beans",
+        "lemon",
+        "pasta",
+        "cheese",
+        "bake",
+        "boil",
+        "stir",
+        "mix",
+        "chop",
+        "serve",
+        "oven",
+        "pan",
+        "minutes",
+        "cream",
+    ],
+]
+
+
+def _jpeg(rng: np.random.Generator, size: int = 256) -> bytes:
+    from PIL import Image
+
+    base = rng.integers(0, 255, 3)
+    arr = np.clip(base[None, None, :] + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def build_bench_run(root: Path, preset: str, index_size: int, store: str, n_real: int = 64) -> Path:
+    """Random-init model, ``n_real`` embedded recipes, random padding up to ``index_size`` per collection."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from tnlbt.config import Config
+    from tnlbt.data.preprocess import encode_recipe_text
+    from tnlbt.data.schema import rows_to_table
+    from tnlbt.data.vocab import Vocab
+    from tnlbt.index.embed import (
+        IndexEmbedder,
+        default_store_path,
+        load_into_store,
+        write_index_meta,
+    )
+    from tnlbt.index.store import open_store
+    from tnlbt.models import create_model, save_model
+
+    processed = root / "processed"
+    cfg = Config.load(preset, [f"data.processed_dir={processed}"])
+    tokens = ["<pad>", "<start>", "<end>", *WORDS, "<unk>"]
+    torch.manual_seed(0)
+    model = create_model(cfg, len(tokens), 12)
+    run = root / "runs" / "bench"
+    ckpt = run / "checkpoints" / "best"
+    save_model(ckpt, model, cfg, tokens, WORDS[:12])
+    vocab = Vocab.load(ckpt / "vocab.json")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_real):
+        w = rng.choice(WORDS, 6, replace=False)
+        title, ingr, instr = " ".join(w[:3]), [f"1 cup {w[3]}", w[4]], [f"{w[5]} well"]
+        rows.append(
+            {
+                "id": f"real{i}",
+                "partition": "test",
+                "has_image": True,
+                **encode_recipe_text(vocab, cfg.data, title, ingr, instr),
+                "ingredient_labels": [1],
+                "image_ids": [f"{i:06x}real.jpg"],
+                "images": [_jpeg(rng, cfg.data.image_short_side)],
+                "title": title,
+                "ingredients": ingr,
+                "instructions": instr,
+            }
+        )
+    (processed / "test").mkdir(parents=True, exist_ok=True)
+    table = rows_to_table(rows)
+    pq.write_table(table, processed / "test" / "part-00000.parquet")
+    t = IndexEmbedder(str(ckpt))(table)
+    rec = t.filter(pa.compute.equal(t["modality"], "recipe"))
+    pho = t.filter(pa.compute.equal(t["modality"], "image"))
+    d = int(cfg.model.embed_dim)
+
+    def pad(tab: pa.Table, n: int, prefix: str, cols: dict) -> pa.Table:
+        extra = max(0, n - len(tab))
+        v = rng.standard_normal((extra, d)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        ids = [f"{prefix}{i:07d}" + (".jpg" if prefix == "p" else "") for i in range(extra)]
+        add = {"id": ids, "vector": pa.array(list(v), pa.list_(pa.float32()))}
+        for c, fn in cols.items():
+            add[c] = [fn(i) for i in range(extra)]
+        add_t = pa.table(add)
+        base = tab.select(add_t.column_names)
+        return pa.concat_tables([base, add_t.cast(base.schema)])
+
+    rec = pad(
+        rec,
+        index_size,
+        "r",
+        {
+            "title": lambda i: f"padding recipe {i}",
+            "ingredients": lambda i: ["salt"],
+            "instructions": lambda i: "mix",
+            "image_ids": lambda i: [],
+            "split": lambda i: "test",
+        },
+    )
+    pho = pad(
+        pho,
+        index_size,
+        "p",
+        {"recipe_id": lambda i: f"r{i:07d}", "title": lambda i: f"padding {i}", "split": lambda i: "test"},
+    )
+    path = default_store_path(run, store)
+    st = open_store(store, path=path)
+    try:
+        info = load_into_store(st, rec, pho, "v1", keep=1)
+    finally:
+        st.close()
+    write_index_meta(
+        run,
+        {
+            **info,
+            "store": store,
+            "qdrant_url": None,
+            "store_path": path,
+            "split": "test",
+            "data_dir": str(processed),
+            "checkpoint": str(ckpt),
+            "dim": d,
+            "image_root": "",
+        },
+    )
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(url: str, kind: str, concurrency: int, duration: float, payloads: list, k: int = 10) -> dict:
+    import requests
+
+    lat: list[float] = []
+    codes: dict[str, int] = {}
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + duration
+
+    def worker(wid: int) -> None:
+        s = requests.Session()
+        i = wid
+        while time.perf_counter() < stop_at:
+            p = payloads[i % len(payloads)]
+            i += concurrency
+            t = time.perf_counter()
+            try:
+                if kind == "text":
+                    r = s.post(f"{url}/v1/search/text", json={"title": p, "k": k}, timeout=30)
+                else:
+                    r = s.post(
+                        f"{url}/v1/search/image",
+                        files={"file": ("q.jpg", p, "image/jpeg")},
+                        data={"k": str(k)},
+                        timeout=30,
+                    )
+                code = str(r.status_code)
+            except Exception as e:  # a timeout / reset counts as an error, the run goes on
+                code = type(e).__name__
+            dt = (time.perf_counter() - t) * 1e3
+            with lock:
+                codes[code] = codes.get(code, 0) + 1
+                if code == "200":
+                    lat.append(dt)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    a = np.array(lat) if lat else np.array([np.nan])
+    n_ok = codes.get("200", 0)
+    return {
+        "endpoint": "text->photos" if kind == "text" else "photo->recipes",
+        "concurrency": concurrency,
+        "duration_s": round(wall, 1),
+        "requests": sum(codes.values()),
+        "ok": n_ok,
+        "errors": sum(codes.values()) - n_ok,
+        "status_counts": codes,
+        "rps": round(n_ok / wall, 2),
+        "p50_ms": round(float(np.nanpercentile(a, 50)), 1),
+        "p95_ms": round(float(np.nanpercentile(a, 95)), 1),
+        "p99_ms": round(float(np.nanpercentile(a, 99)), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=None, help="benchmark a running API instead of starting one")
+    p.add_argument("--preset", default="tiny_test", help="model preset for the bench run (random init)")
+    p.add_argument("--index-size", type=int, default=10_000, help="points per collection")
+    p.add_argument("--store", default="edge", choices=["qdrant", "edge"])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--duration", type=float, default=60.0, help="seconds per (endpoint, concurrency)")
+    p.add_argument("--endpoints", nargs="+", default=["text", "image"], choices=["text", "image"])
+    p.add_argument("--cpus", type=float, default=0.0, help="CPUs per encoder replica (0 = fit the box)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--note", default="")
+    a = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    url = a.url
+    setting = {"index_size": a.index_size, "preset": a.preset, "store": a.store} if not url else {"url": url}
+    if not url:
+        import ray
+
+        from serve.app import patient_serve_env, run_local, wait_ready
+
+        root = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+        t = time.perf_counter()
+        run = build_bench_run(root, a.preset, a.index_size, a.store)
+        print(
+            f"bench run with {a.index_size} points per collection built in {time.perf_counter() - t:.0f}s",
+            flush=True,
+        )
+        patient_serve_env()
+        ray.init(
+            num_cpus=max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"),
+        )
+        port = free_port()
+        run_local({"run": str(run), "cpus": a.cpus, "max_replicas": 1}, port=port, ui=False)
+        url = f"http://127.0.0.1:{port}"
+        if not wait_ready(url, 600):
+            print("API did not become ready", file=sys.stderr)
+            return 1
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(WORDS, 4)) for _ in range(200)]
+    images = [_jpeg(rng) for _ in range(16)]
+    out = Path(a.out)
+    doc = json.loads(out.read_text()) if out.exists() else {"results": []}
+    for kind in a.endpoints:
+        load(url, kind, 1, min(3.0, a.duration), texts if kind == "text" else images)  # warm-up
+        for c in a.concurrency:
+            r = load(url, kind, c, a.duration, texts if kind == "text" else images)
+            r.update(setting)
+            r["note"] = a.note
+            print(json.dumps(r), flush=True)
+            doc["results"] = [
+                x
+                for x in doc["results"]
+                if not (
+                    x.get("endpoint") == r["endpoint"]
+                    and x.get("concurrency") == c
+                    and all(x.get(kk) == vv for kk, vv in setting.items())
+                )
+            ] + [r]
+            doc["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+            doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1) + "\n")
+    if not a.url:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

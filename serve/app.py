@@ -1,0 +1,240 @@
+"""Application builders for ``serve run`` / ``serve deploy`` / ``tnlbt serve``, and ``cli_serve``.
+
+Two Serve applications, both built from one ``args`` dict (the same keys in ``serve/config.yaml``):
+
+* ``api`` at ``/`` -- :func:`build_app`: ``SearchAPI`` over ``TextEncoder``, ``ImageEncoder``, ``SearchIndex``
+* ``ui``  at ``/ui`` -- :func:`build_ui_app`: ``GradioUI``, which looks the API deployment up by name
+
+The UI is its own application (not a route of the API) so the API ingress can autoscale while the UI stays at
+one replica, as Gradio's queue needs.
+
+``args`` keys: ``run`` (required: run dir with an index), ``qdrant_url``, ``qdrant_path``, ``store`` (qdrant |
+edge), ``cpus`` (CPUs per encoder replica, default 1; tests use fractions), ``max_replicas`` (encoder/API
+autoscaling ceiling), ``text_batch``, ``image_batch``, ``max_upload_bytes``, ``request_timeout_s``,
+``api_app`` (the API application's name, for the UI), ``examples`` (how many test-split examples in the UI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+API_APP, UI_APP = "api", "ui"
+
+
+def _f(args: dict[str, Any], key: str, default: Any) -> Any:
+    v = args.get(key)
+    return default if v in (None, "") else type(default)(v) if default is not None else v
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The API application (``serve run serve.app:build_app run=runs/demo``)."""
+    from serve.deployments import ImageEncoder, SearchAPI, SearchIndex, TextEncoder
+    from tnlbt.index.embed import read_index_meta, resolve_checkpoint
+
+    run = args.get("run")
+    if not run:
+        raise ValueError("serve: args.run (the run directory) is required")
+    meta = read_index_meta(run)
+    ckpt = str(resolve_checkpoint(meta.get("checkpoint") or run))
+    cpus = _f(args, "cpus", 0.0) or default_replica_cpus()
+    max_rep = _f(args, "max_replicas", 2)
+    text_batch, image_batch = _f(args, "text_batch", 16), _f(args, "image_batch", 8)
+    threads = _f(args, "num_threads", 0)
+
+    def auto(target: int) -> dict[str, Any]:
+        return {"min_replicas": 1, "max_replicas": max_rep, "target_ongoing_requests": target}
+
+    text = TextEncoder.options(
+        ray_actor_options={"num_cpus": cpus},
+        autoscaling_config=auto(max(2, text_batch // 2)),
+        max_ongoing_requests=max(2 * text_batch, 8),  # >= batch size, or a batch never fills
+    ).bind(ckpt, max_batch_size=text_batch, num_threads=threads)
+    image = ImageEncoder.options(
+        ray_actor_options={"num_cpus": cpus},
+        autoscaling_config=auto(max(2, image_batch // 2)),
+        max_ongoing_requests=max(2 * image_batch, 8),
+    ).bind(ckpt, max_batch_size=image_batch, num_threads=threads)
+    qdrant_url = args.get("qdrant_url") or None
+    index = SearchIndex.options(
+        # An embedded store (a folder) is locked by one process: exactly one replica. A server scales out.
+        num_replicas=_f(args, "index_replicas", 2) if qdrant_url else 1,
+        ray_actor_options={"num_cpus": min(cpus, 0.5)},
+    ).bind(
+        str(run),
+        qdrant_url=qdrant_url,
+        qdrant_path=args.get("qdrant_path") or None,
+        store_kind=args.get("store") or None,
+    )
+    return SearchAPI.options(
+        ray_actor_options={"num_cpus": min(cpus, 0.5)},
+        autoscaling_config=auto(16),
+    ).bind(
+        text,
+        image,
+        index,
+        max_upload_bytes=_f(args, "max_upload_bytes", 8 * 1024 * 1024),
+        request_timeout_s=_f(args, "request_timeout_s", 20.0),
+    )
+
+
+def default_replica_cpus() -> float:
+    """CPUs per encoder replica so that the whole app (2 encoders at ``c``, 3 small deployments at
+    ``min(c, 0.5)``) fits the cluster: 1 on a big box, down to 0.25 on a 2-core laptop (where Ray would
+    otherwise leave replicas pending forever)."""
+    try:
+        import ray
+
+        total = float(ray.cluster_resources().get("CPU", 2.0)) if ray.is_initialized() else 2.0
+    except Exception:
+        total = 2.0
+    return max(0.25, min(1.0, (total - 1.5) / 2))
+
+
+def load_examples(run: str | Path, n: int = 4) -> dict[str, Any]:
+    """A few test-split recipes (text fields) and photos (written as JPEG under RUN/index/examples) for the
+    UI."""
+    import pyarrow.parquet as pq
+
+    from tnlbt.index.embed import read_index_meta, run_dir_of
+
+    meta = read_index_meta(run)
+    data_dir = meta.get("data_dir")
+    out: dict[str, Any] = {"text": [], "images": []}
+    if not data_dir or n <= 0:
+        return out
+    split = meta.get("split", "test")
+    files = sorted((Path(data_dir) / ("test" if split == "all" else split)).glob("*.parquet"))
+    if not files:
+        return out
+    t = pq.read_table(files[0], columns=["title", "ingredients", "instructions", "image_ids", "images"])
+    t = t.slice(0, min(len(t), 64))
+    ex_dir = run_dir_of(run) / "index" / "examples"
+    ex_dir.mkdir(parents=True, exist_ok=True)
+    for r in t.to_pylist():
+        if len(out["text"]) < n:
+            out["text"].append(
+                [r["title"], "\n".join(r["ingredients"][:10]), "\n".join(r["instructions"][:5])]
+            )
+        if len(out["images"]) < n and r["images"]:
+            p = ex_dir / Path(r["image_ids"][0]).name
+            if not p.exists():
+                p.write_bytes(r["images"][0])
+            out["images"].append(str(p))
+    return out
+
+
+def load_model_card(run: str | Path) -> dict[str, Any]:
+    from tnlbt.index.embed import read_index_meta, run_dir_of
+
+    rd = run_dir_of(run)
+    metrics: Any = {}
+    for name in ("metrics_test.json", "metrics.json"):
+        if (rd / name).exists():
+            try:
+                metrics = json.loads((rd / name).read_text())
+            except json.JSONDecodeError:
+                metrics = {}
+            break
+    meta = read_index_meta(rd)
+    notes = (
+        f"Index version `{meta.get('version', '?')}`: {meta.get('recipes', 0)} recipes, "
+        f"{meta.get('photos', 0)} photos ({meta.get('split', '?')} split), store `{meta.get('store', '?')}`."
+    )
+    curves = rd / "curves.png"
+    return {
+        "run": rd.name,
+        "metrics": metrics,
+        "curves": str(curves) if curves.exists() else None,
+        "notes": notes,
+    }
+
+
+def build_ui_app(args: dict[str, Any]) -> Any:
+    """The Gradio UI application (route prefix ``/ui``); needs the API application running as ``api_app``."""
+    from serve.deployments import GradioUI
+
+    run = args.get("run")
+    if not run:
+        raise ValueError("serve: args.run (the run directory) is required")
+    examples = load_examples(run, _f(args, "examples", 4))
+    cpus = _f(args, "cpus", 0.0) or default_replica_cpus()
+    return GradioUI.options(ray_actor_options={"num_cpus": min(cpus, 0.5)}).bind(
+        api_app=args.get("api_app") or API_APP, model_card=load_model_card(run), examples=examples
+    )
+
+
+def run_local(
+    args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ui: bool = True
+) -> dict[str, str]:
+    """Start Serve on ``host:port`` in the current Ray cluster and run both applications; returns the URLs."""
+    from ray import serve
+
+    serve.start(
+        http_options={
+            "host": host,
+            "port": port,
+            "request_timeout_s": _f(args, "request_timeout_s", 20.0) + 10,
+        }
+    )
+    serve.run(build_app(args), name=API_APP, route_prefix="/", blocking=False)
+    if ui:
+        serve.run(build_ui_app({**args, "api_app": API_APP}), name=UI_APP, route_prefix="/ui", blocking=False)
+    base = f"http://{host}:{port}"
+    urls = {"api": f"{base}/v1/", "docs": f"{base}/docs", "ready": f"{base}/readyz"}
+    if ui:
+        urls["ui"] = f"{base}/ui/"
+    return urls
+
+
+def wait_ready(base_url: str, timeout_s: float = 120.0) -> bool:
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url.rstrip('/')}/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except Exception:
+            time.sleep(1.0)
+    return False
+
+
+def patient_serve_env() -> None:
+    """Serve's proxy readiness check (5 s) is too short for a loaded laptop; raise it before ``ray.init``."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+
+
+def cli_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    patient_serve_env()
+    if not Path(args.run).exists():
+        raise FileNotFoundError(f"run directory not found: {args.run}")
+    if not ray.is_initialized():
+        # Logical CPUs at least 4: the app's five deployments must all be scheduled on a 2-core laptop.
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    app_args = {"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path}
+    urls = run_local(app_args, host=args.host, port=args.port)
+    ok = wait_ready(f"http://{args.host}:{args.port}")
+    for name, url in urls.items():
+        print(f"  {name:6s} {url}")
+    print("ready" if ok else "started, but /readyz is not 200 yet (see `serve status`)", flush=True)
+    print("Ctrl-C to stop.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0

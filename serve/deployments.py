@@ -1,0 +1,508 @@
+"""Ray Serve deployments: recipe/image encoders, the index, the HTTP API ingress and the Gradio UI.
+
+Everything a deployment needs comes in through its constructor (checkpoint dir, store location, limits);
+nothing runs at import. The FastAPI apps are built per replica by ``__serve_build_asgi_app__`` (Serve 2.60's
+late-bound ingress), so routes close over the replica's handles and the Gradio Blocks object is created inside
+the replica (Gradio objects do not pickle, and Ray's own ``GradioServer`` is broken with Gradio 6).
+
+Topology (``serve/app.py`` binds it)::
+
+    HTTP ─▶ SearchAPI (FastAPI, autoscaled) ─┬─▶ TextEncoder   (@serve.batch, autoscaled)
+                                             ├─▶ ImageEncoder  (@serve.batch, autoscaled)
+                                             └─▶ SearchIndex   (1 replica with an embedded store)
+    HTTP ─▶ GradioUI (1 replica: Gradio's queue is per process) ─▶ SearchAPI's search methods (same code path)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+# Module level (not inside the app builder): FastAPI resolves the string annotations of the route functions
+# (``from __future__ import annotations``) in this module's globals.
+from serve import schemas as S
+
+log = logging.getLogger("ray.serve")
+
+# Exceptions meaning "the store / index is not there right now": 503 + Retry-After, never 500.
+RETRY_AFTER_S = 5
+
+
+def _unavailable_types() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    from tnlbt.index.store import IndexNotFound, StoreUnavailable
+
+    names = ("RayActorError", "ActorDiedError", "ActorUnavailableError")
+    extra = tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+    try:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        extra += (BackPressureError, DeploymentUnavailableError)
+    except ImportError:  # pragma: no cover - older Serve
+        pass
+    return (StoreUnavailable, IndexNotFound, *extra)
+
+
+@serve.deployment(
+    max_ongoing_requests=32,
+    ray_actor_options={"num_cpus": 1},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+)
+class TextEncoder:
+    """Recipe text -> embedding; requests are batched (one model forward per batch)."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.005,
+        num_threads: int = 0,
+    ) -> None:
+        from tnlbt.index.embed import Encoder
+
+        self.enc = Encoder(checkpoint_dir, num_threads=num_threads)
+        self.encode.set_max_batch_size(max_batch_size)
+        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode(self, queries: list[dict[str, Any]]) -> list[list[float]]:
+        from tnlbt.index.embed import RecipeText
+
+        vecs = self.enc.encode_texts([RecipeText(**q) for q in queries])
+        return [v.tolist() for v in vecs]
+
+    def dim(self) -> int:
+        return self.enc.dim
+
+
+@serve.deployment(
+    max_ongoing_requests=16,
+    ray_actor_options={"num_cpus": 1},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+)
+class ImageEncoder:
+    """Decoded RGB photo (PIL) -> embedding, batched."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+        num_threads: int = 0,
+    ) -> None:
+        from tnlbt.index.embed import Encoder
+
+        self.enc = Encoder(checkpoint_dir, num_threads=num_threads)
+        self.encode.set_max_batch_size(max_batch_size)
+        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def encode(self, images: list[Any]) -> list[list[float]]:
+        vecs = self.enc.encode_images(images)
+        return [v.tolist() for v in vecs]
+
+    def dim(self) -> int:
+        return self.enc.dim
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+class SearchIndex:
+    """The vector store behind the API. An embedded store (local path, edge) allows exactly one replica;
+    with a Qdrant server (``qdrant_url``) the deployment may be scaled out."""
+
+    def __init__(
+        self,
+        run: str,
+        qdrant_url: str | None = None,
+        qdrant_path: str | None = None,
+        store_kind: str | None = None,
+    ) -> None:
+        self.run, self.qdrant_url, self.qdrant_path, self.store_kind = (
+            run,
+            qdrant_url,
+            qdrant_path,
+            store_kind,
+        )
+        self.reader: Any = None
+        self.error = ""
+        self._open()
+
+    def _open(self) -> None:
+        from tnlbt.index.search import IndexReader
+        from tnlbt.index.store import IndexNotFound, StoreUnavailable
+
+        try:
+            self.reader = IndexReader.from_run(self.run, self.qdrant_url, self.qdrant_path, self.store_kind)
+            self.error = ""
+        except (StoreUnavailable, IndexNotFound, OSError) as e:
+            # Start anyway: /readyz reports the problem and requests get 503 until the store comes back.
+            self.reader, self.error = None, str(e)
+            log.warning("index not available: %s", e)
+
+    def _r(self) -> Any:
+        from tnlbt.index.store import StoreUnavailable
+
+        if getattr(self, "_delay_s", 0.0):
+            time.sleep(self._delay_s)
+        if getattr(self, "_down", False):
+            raise StoreUnavailable("store marked down")
+        if self.reader is None:
+            self._open()
+        if self.reader is None:
+            raise StoreUnavailable(self.error or "index not available")
+        return self.reader
+
+    def ready(self) -> dict[str, int]:
+        return self._r().ready()
+
+    def search_photos(self, vector: list[float], k: int, filter: dict[str, Any] | None = None) -> list[dict]:
+        return self._r().search_photos(vector, k, filter)
+
+    def search_recipes(self, vector: list[float], k: int, filter: dict[str, Any] | None = None) -> list[dict]:
+        return self._r().search_recipes(vector, k, filter)
+
+    def get_recipe(self, recipe_id: str) -> dict | None:
+        return self._r().get_recipe(recipe_id)
+
+    def get_image(self, image_id: str) -> bytes | None:
+        return self._r().get_image(image_id)
+
+    def set_fault(self, down: bool = False, delay_s: float = 0.0) -> None:
+        """Test/ops drill hook: behave as if the store were unreachable (``down``: the 503 path) or slow
+        (``delay_s`` per call: the timeout path); ``set_fault()`` restores normal service."""
+        self._down, self._delay_s = bool(down), float(delay_s)
+
+
+def _sniff_media_type(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+@serve.deployment(
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.5},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+)
+@serve.ingress()
+class SearchAPI:
+    """FastAPI ingress: request validation, limits, timeouts, error mapping; the work is in the handles."""
+
+    def __init__(
+        self,
+        text_encoder: DeploymentHandle,
+        image_encoder: DeploymentHandle,
+        index: DeploymentHandle,
+        max_upload_bytes: int = 8 * 1024 * 1024,
+        request_timeout_s: float = 20.0,
+        image_url_prefix: str = "/v1/images/",
+    ) -> None:
+        self.text_encoder, self.image_encoder, self.index = text_encoder, image_encoder, index
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.timeout_s = float(request_timeout_s)
+        self.image_url_prefix = image_url_prefix
+        self._unavailable = _unavailable_types()
+
+    # -- plain methods: the HTTP routes and the UI both call these -------------------------------------------
+    async def _await(self, resp: Any) -> Any:
+        async def _get() -> Any:
+            return await resp
+
+        try:
+            return await asyncio.wait_for(_get(), self.timeout_s)
+        except TimeoutError as e:
+            with_cancel = getattr(resp, "cancel", None)
+            if with_cancel:
+                with_cancel()
+            raise HTTPException(504, f"timed out after {self.timeout_s:.0f}s") from e
+        except self._unavailable as e:
+            raise HTTPException(
+                503,
+                f"search backend unavailable: {_first_line(e)}",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from e
+        except ValueError as e:
+            raise HTTPException(422, _first_line(e)) from e
+
+    async def embed_text(self, query: dict[str, Any]) -> list[float]:
+        from tnlbt.index.embed import RecipeText
+
+        if query.get("text"):
+            t = RecipeText.from_free_text(query["text"])
+            query = {
+                "title": t.title,
+                "ingredients": list(t.ingredients),
+                "instructions": list(t.instructions),
+            }
+        else:
+            query = {
+                k: query.get(k) or ([] if k != "title" else "")
+                for k in ("title", "ingredients", "instructions")
+            }
+        return await self._await(self.text_encoder.encode.remote(query))
+
+    async def embed_image(self, data: bytes) -> list[float]:
+        from tnlbt.index.embed import decode_image
+
+        try:
+            img = await asyncio.to_thread(decode_image, data)
+        except ValueError as e:
+            raise HTTPException(415, f"unsupported or corrupt image: {_first_line(e)}") from e
+        return await self._await(self.image_encoder.encode.remote(img))
+
+    async def search_text_hits(
+        self, query: dict[str, Any], k: int = 10, filter: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        vec = await self.embed_text(query)
+        return await self._await(self.index.search_photos.remote(vec, k, filter))
+
+    async def search_image_hits(
+        self, data: bytes, k: int = 10, filter: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        vec = await self.embed_image(data)
+        return await self._await(self.index.search_recipes.remote(vec, k, filter))
+
+    async def image_bytes(self, image_id: str) -> bytes | None:
+        return await self._await(self.index.get_image.remote(image_id))
+
+    async def ready(self) -> dict[str, Any]:
+        counts = await self._await(self.index.ready.remote())
+        await self._await(self.text_encoder.dim.remote())
+        await self._await(self.image_encoder.dim.remote())
+        return counts
+
+    # -- HTTP --------------------------------------------------------------------------------------------
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_api_app(self)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    # RayTaskError strings start with a traceback header; the cause's message is the last line.
+    return (s[-1] if s else type(e).__name__)[:300]
+
+
+async def _read_upload(api: SearchAPI, file: Any) -> bytes:
+    data = await file.read(api.max_upload_bytes + 1)
+    if len(data) > api.max_upload_bytes:
+        raise HTTPException(413, f"upload larger than {api.max_upload_bytes} bytes")
+    if not data:
+        raise HTTPException(422, "empty upload")
+    return data
+
+
+def build_api_app(api: SearchAPI) -> Any:
+    """The FastAPI app of one API replica (routes close over ``api``)."""
+    from tnlbt.index.search import ImageSource
+
+    app = FastAPI(
+        title="tnlbt recipe search",
+        version="1",
+        description="Cross-modal recipe retrieval (TNLBT): recipe text -> dish photos, photo -> recipes.",
+    )
+    upload_paths = {"/v1/search/image", "/v1/embed/image"}
+
+    @app.middleware("http")
+    async def _limit_upload(request: Request, call_next: Any) -> Any:
+        # Reject big uploads from the header, before the multipart body is read and spooled.
+        if request.url.path.rstrip("/").endswith(tuple(upload_paths)):
+            try:
+                n = int(request.headers.get("content-length") or 0)
+            except ValueError:
+                n = 0
+            if n > api.max_upload_bytes + 64 * 1024:  # multipart framing overhead
+                return JSONResponse({"detail": f"upload larger than {api.max_upload_bytes} bytes"}, 413)
+        return await call_next(request)
+
+    @app.get("/healthz", response_model=S.Health, tags=["ops"])
+    async def healthz() -> S.Health:
+        return S.Health()
+
+    @app.get(
+        "/readyz",
+        response_model=S.Ready,
+        tags=["ops"],
+        responses={503: {"model": S.ErrorBody, "description": "index or models not loaded"}},
+    )
+    async def readyz() -> S.Ready:
+        c = await api.ready()
+        return S.Ready(recipes=c.get("recipes", 0), photos=c.get("photos", 0))
+
+    @app.post(
+        "/v1/search/text",
+        response_model=S.PhotoSearchResponse,
+        tags=["search"],
+        responses={
+            422: {"description": "empty/oversized text, k outside 1..100"},
+            503: {"model": S.ErrorBody},
+            504: {"model": S.ErrorBody},
+        },
+    )
+    async def search_text(req: S.TextSearchRequest) -> S.PhotoSearchResponse:
+        """Recipe text -> photos of dishes (best first)."""
+        t = time.perf_counter()
+        hits = await api.search_text_hits(
+            req.model_dump(include={"text", "title", "ingredients", "instructions"}),
+            req.k,
+            req.filter.as_dict() if req.filter else None,
+        )
+        return S.PhotoSearchResponse(hits=hits, took_ms=round((time.perf_counter() - t) * 1e3, 2))
+
+    @app.post(
+        "/v1/search/image",
+        response_model=S.RecipeSearchResponse,
+        tags=["search"],
+        responses={
+            413: {"model": S.ErrorBody},
+            415: {"model": S.ErrorBody},
+            422: {"model": S.ErrorBody},
+            503: {"model": S.ErrorBody},
+            504: {"model": S.ErrorBody},
+        },
+    )
+    async def search_image(
+        file: UploadFile = File(..., description="a food photo (JPEG/PNG/WebP)"),
+        k: int = Form(10, ge=1, le=S.MAX_K),
+        split: str | None = Form(None, pattern="^(train|val|test)$"),
+    ) -> S.RecipeSearchResponse:
+        """Photo (multipart upload) -> recipes (best first)."""
+        t = time.perf_counter()
+        data = await _read_upload(api, file)
+        hits = await api.search_image_hits(data, k, {"split": split} if split else None)
+        return S.RecipeSearchResponse(hits=hits, took_ms=round((time.perf_counter() - t) * 1e3, 2))
+
+    @app.post("/v1/embed/text", response_model=S.EmbedResponse, tags=["embed"])
+    async def embed_text(req: S.RecipeQuery) -> S.EmbedResponse:
+        vec = await api.embed_text(req.model_dump())
+        return S.EmbedResponse(vector=vec, dim=len(vec))
+
+    @app.post(
+        "/v1/embed/image",
+        response_model=S.EmbedResponse,
+        tags=["embed"],
+        responses={413: {"model": S.ErrorBody}, 415: {"model": S.ErrorBody}},
+    )
+    async def embed_image(file: UploadFile = File(...)) -> S.EmbedResponse:
+        vec = await api.embed_image(await _read_upload(api, file))
+        return S.EmbedResponse(vector=vec, dim=len(vec))
+
+    @app.get(
+        "/v1/recipes/{recipe_id}",
+        response_model=S.RecipeHit,
+        tags=["lookup"],
+        responses={404: {"model": S.ErrorBody}},
+    )
+    async def get_recipe(recipe_id: str) -> S.RecipeHit:
+        if len(recipe_id) > 128:
+            raise HTTPException(404, "unknown recipe id")
+        r = await api._await(api.index.get_recipe.remote(recipe_id))
+        if r is None:
+            raise HTTPException(404, f"unknown recipe id {recipe_id!r}")
+        return S.RecipeHit(**r)
+
+    @app.get(
+        "/v1/images/{image_id}",
+        tags=["lookup"],
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": S.ErrorBody}},
+    )
+    async def get_image(image_id: str) -> Response:
+        """Photo bytes by id (only indexed photos; from the image root or the processed data)."""
+        if not ImageSource.valid_id(image_id):
+            raise HTTPException(404, "unknown image id")
+        data = await api.image_bytes(image_id)
+        if data is None:
+            raise HTTPException(404, f"unknown image id {image_id!r}")
+        return Response(
+            data, media_type=_sniff_media_type(data), headers={"Cache-Control": "public, max-age=86400"}
+        )
+
+    return app
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress()
+class GradioUI:
+    """The Gradio demo, mounted with ``gr.mount_gradio_app``; calls the API deployment's search methods."""
+
+    def __init__(
+        self,
+        api_app: str = "api",
+        api_deployment: str = "SearchAPI",
+        model_card: dict | None = None,
+        examples: dict | None = None,
+        api: DeploymentHandle | None = None,
+    ) -> None:
+        self.api = api or serve.get_deployment_handle(api_deployment, app_name=api_app)
+        self.model_card = model_card or {}
+        self.examples = examples or {}
+
+    async def _gallery(self, hits: list[dict[str, Any]]) -> list[tuple[Any, str]]:
+        from PIL import Image
+
+        out = []
+        datas = await asyncio.gather(
+            *[self.api.image_bytes.remote(h["image_id"]) for h in hits], return_exceptions=True
+        )
+        for h, data in zip(hits, datas, strict=True):
+            if isinstance(data, bytes | bytearray):
+                img = Image.open(io.BytesIO(data)).convert("RGB")
+            else:
+                img = Image.new("RGB", (64, 64), (200, 200, 200))  # photo file missing: keep the hit visible
+            out.append((img, f"{h['title']}  ({h['score']:.3f})"))
+        return out
+
+    def __serve_build_asgi_app__(self) -> Any:
+        import gradio as gr
+
+        from ui.app import build_demo
+
+        async def text_fn(title: str, ingredients: str, instructions: str, k: float) -> list:
+            query = {
+                "title": title or "",
+                "ingredients": _lines(ingredients),
+                "instructions": _lines(instructions),
+            }
+            if not (query["title"].strip() or query["ingredients"] or query["instructions"]):
+                raise gr.Error("Type a title, ingredients or instructions first.")
+            try:
+                hits = await self.api.search_text_hits.remote(query, int(k))
+            except Exception as e:  # typed API errors arrive wrapped; show their message, not a traceback
+                raise gr.Error(_first_line(e)) from e
+            return await self._gallery(hits)
+
+        async def image_fn(image: Any, k: float) -> list[list[Any]]:
+            if image is None:
+                raise gr.Error("Upload a photo first.")
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="JPEG", quality=92)
+            try:
+                hits = await self.api.search_image_hits.remote(buf.getvalue(), int(k))
+            except Exception as e:
+                raise gr.Error(_first_line(e)) from e
+            return [[h["title"], ", ".join(h["ingredients"][:12]), round(h["score"], 4)] for h in hits]
+
+        app = FastAPI()
+
+        @app.get("/healthz")
+        def healthz() -> dict:
+            return {"status": "ok"}
+
+        demo = build_demo(text_fn, image_fn, self.examples, self.model_card)
+        return gr.mount_gradio_app(app, demo, path="")
+
+
+def _lines(s: str | None) -> list[str]:
+    return [ln.strip(" -*\t") for ln in (s or "").splitlines() if ln.strip(" -*\t")]

@@ -1,0 +1,279 @@
+"""The search API through real HTTP on a running Serve instance (tiny model, tiny index), every bad-input
+class with its status code, the 503 / timeout paths, the Gradio UI through the Serve proxy, and
+serve/config.yaml."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+import yaml
+from conftest import free_port
+from test_search import COLOURS, _jpeg, build_tiny_index, make_tiny_run
+
+# Set at collection, before the session's ray.init: on a busy 2-core box the HTTP proxy can take longer than
+# Serve's 5 s readiness check to start, and Serve then kills and restarts it in a loop.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+
+REPO = Path(__file__).resolve().parent.parent
+UPLOAD_LIMIT = 200_000
+TIMEOUT_S = 6.0
+
+
+def test_config_yaml_matches_ray_schema_and_builders():
+    from ray.serve.schema import ServeDeploySchema
+
+    import serve.app
+
+    doc = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema(**doc)
+    apps = {a.name: a for a in schema.applications}
+    assert set(apps) == {"api", "ui"}
+    assert apps["api"].route_prefix == "/" and apps["ui"].route_prefix == "/ui"
+    for a in apps.values():
+        mod, fn = a.import_path.split(":")
+        assert mod == "serve.app" and callable(getattr(serve.app, fn))
+        assert a.args.get("run")
+    assert apps["ui"].args["api_app"] == "api"
+    with pytest.raises(ValueError, match="run"):
+        serve.app.build_app({})
+
+
+@pytest.fixture(scope="module")
+def api(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from serve.app import build_app, build_ui_app, wait_ready
+
+    root = tmp_path_factory.mktemp("serve")
+    run = make_tiny_run(root)
+    meta = build_tiny_index(run)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    args = {
+        "run": str(run),
+        "cpus": 0.25,
+        "max_replicas": 1,
+        "max_upload_bytes": UPLOAD_LIMIT,
+        "request_timeout_s": TIMEOUT_S,
+        "text_batch": 4,
+        "image_batch": 4,
+    }
+    serve.run(build_app(args), name="api", route_prefix="/", blocking=False)
+    serve.run(
+        build_ui_app({**args, "api_app": "api", "examples": 2}), name="ui", route_prefix="/ui", blocking=False
+    )
+    base = f"http://127.0.0.1:{port}"
+    assert wait_ready(base, timeout_s=240), "API never became ready"
+    yield base, run, meta
+    serve.delete("ui")
+    serve.delete("api")
+
+
+def _post(base: str, path: str, **kw):
+    return requests.post(base + path, timeout=60, **kw)
+
+
+def _upload(data: bytes, name: str = "dish.jpg", ctype: str = "image/jpeg") -> dict:
+    return {"file": (name, io.BytesIO(data), ctype)}
+
+
+def _embeddings(meta: dict, modality: str) -> tuple[list[str], np.ndarray]:
+    rows = [r for r in pq.read_table(meta["embeddings"]).to_pylist() if r["modality"] == modality]
+    return [r["id"] for r in rows], np.array([r["vector"] for r in rows], np.float32)
+
+
+pytestmark = pytest.mark.ray
+
+
+def test_health_ready_docs(api):
+    base, _, _ = api
+    assert requests.get(base + "/healthz", timeout=10).json() == {"status": "ok"}
+    r = requests.get(base + "/readyz", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ready", "recipes": 24, "photos": 36}
+    assert requests.get(base + "/docs", timeout=10).status_code == 200
+    paths = requests.get(base + "/openapi.json", timeout=10).json()["paths"]
+    for p in (
+        "/v1/search/text",
+        "/v1/search/image",
+        "/v1/embed/text",
+        "/v1/embed/image",
+        "/v1/recipes/{recipe_id}",
+        "/v1/images/{image_id}",
+        "/healthz",
+        "/readyz",
+    ):
+        assert p in paths, p
+
+
+def test_search_text_equals_brute_force(api):
+    from tnlbt.index.embed import Encoder, RecipeText
+    from tnlbt.index.search import brute_force_topk
+
+    base, run, meta = api
+    r = _post(
+        base, "/v1/search/text", json={"title": "tomato basil soup", "ingredients": ["1 cup flour"], "k": 5}
+    )
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    q = Encoder(run).encode_texts([RecipeText("tomato basil soup", ["1 cup flour"])])[0]
+    ids, vec = _embeddings(meta, "image")
+    idx, scores = brute_force_topk(vec, q, 5)
+    assert [h["image_id"] for h in hits] == [ids[i] for i in idx]
+    np.testing.assert_allclose([h["score"] for h in hits], scores, atol=1e-4)
+    assert set(hits[0]) == {"image_id", "image_url", "recipe_id", "title", "score"}
+    # free text and a filter
+    r = _post(
+        base, "/v1/search/text", json={"text": "chocolate cake\nsugar", "k": 3, "filter": {"split": "test"}}
+    )
+    assert r.status_code == 200 and len(r.json()["hits"]) == 3
+    r = _post(base, "/v1/search/text", json={"text": "chocolate cake", "k": 3, "filter": {"split": "val"}})
+    assert r.status_code == 200 and r.json()["hits"] == []
+
+
+def test_search_image_and_embeddings(api):
+    from tnlbt.index.embed import Encoder, decode_image
+    from tnlbt.index.search import brute_force_topk
+
+    base, run, meta = api
+    photo = _jpeg(COLOURS[1], seed=5)
+    r = _post(base, "/v1/search/image", files=_upload(photo), data={"k": "4"})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    q = Encoder(run).encode_images([decode_image(photo)])[0]
+    ids, vec = _embeddings(meta, "recipe")
+    idx, _ = brute_force_topk(vec, q, 4)
+    assert [h["id"] for h in hits] == [ids[i] for i in idx]
+    assert hits[0]["title"] and hits[0]["ingredients"]
+    e = _post(base, "/v1/embed/image", files=_upload(photo)).json()
+    assert e["dim"] == 32
+    np.testing.assert_allclose(e["vector"], q, atol=1e-5)
+    t = _post(base, "/v1/embed/text", json={"title": "cake"}).json()
+    assert t["dim"] == 32 and abs(np.linalg.norm(t["vector"]) - 1) < 1e-4
+
+
+def test_lookups(api):
+    base, _, meta = api
+    r = requests.get(base + "/v1/recipes/rec003", timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == "rec003" and len(r.json()["image_ids"]) == 2
+    assert requests.get(base + "/v1/recipes/nope", timeout=30).status_code == 404
+    t = pq.read_table(Path(meta["data_dir"]) / "test").to_pylist()
+    iid = t[3]["image_ids"][1]
+    r = requests.get(base + f"/v1/images/{iid}", timeout=30)
+    assert (
+        r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content == t[3]["images"][1]
+    )
+    for bad in ("ffff0abcdef.jpg", "..%2F..%2Fetc%2Fpasswd", "%2e%2e", "x" * 300):
+        assert requests.get(base + f"/v1/images/{bad}", timeout=30).status_code == 404, bad
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},  # nothing to search for
+        {"title": "   "},
+        {"text": ""},
+        {"text": "x" * 2001},  # oversized free text
+        {"title": "y" * 301},
+        {"title": "cake", "ingredients": ["z" * 501]},
+        {"title": "cake", "ingredients": ["a"] * 51},
+        {"title": "cake", "k": 0},
+        {"title": "cake", "k": 101},
+        {"title": "cake", "k": "many"},
+        {"title": "cake", "unknown": 1},
+        {"title": "cake", "filter": {"split": "nope"}},
+    ],
+)
+def test_bad_text_requests_are_422(api, body):
+    base, _, _ = api
+    r = _post(base, "/v1/search/text", json=body)
+    assert r.status_code == 422, (body, r.status_code, r.text[:200])
+
+
+def test_bad_uploads(api):
+    base, _, _ = api
+    ok = _jpeg(COLOURS[0])
+    assert (
+        _post(
+            base, "/v1/search/image", data=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+    assert (
+        _post(
+            base, "/v1/search/text", data=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+    # over the limit: by header (rejected before the body is parsed) ...
+    r = _post(base, "/v1/search/image", files=_upload(b"\xff\xd8\xff" + b"0" * (UPLOAD_LIMIT + 100_000)))
+    assert r.status_code == 413, r.text
+    # ... and just over it (within the multipart allowance: caught when the file is read)
+    r = _post(base, "/v1/search/image", files=_upload(b"\xff\xd8\xff" + b"0" * (UPLOAD_LIMIT + 10)))
+    assert r.status_code == 413, r.text
+    assert _post(base, "/v1/embed/image", files=_upload(b"0" * (UPLOAD_LIMIT + 100_000))).status_code == 413
+    r = _post(base, "/v1/search/image", files=_upload(b"GIF89a but not really", "x.gif", "image/gif"))
+    assert r.status_code == 415, r.text
+    assert _post(base, "/v1/search/image", files=_upload(ok[: len(ok) // 3])).status_code == 415  # truncated
+    assert _post(base, "/v1/embed/image", files=_upload(b"hello", "a.txt", "text/plain")).status_code == 415
+    assert _post(base, "/v1/search/image", files=_upload(b"")).status_code == 422
+    assert _post(base, "/v1/search/image", data={"k": "3"}).status_code == 422  # no file part
+    assert _post(base, "/v1/search/image", files=_upload(ok), data={"k": "0"}).status_code == 422
+    assert _post(base, "/v1/search/image", files=_upload(ok), data={"k": "101"}).status_code == 422
+
+
+def test_store_down_is_503_with_retry_after_then_recovers(api):
+    from ray import serve
+
+    base, _, _ = api
+    idx = serve.get_deployment_handle("SearchIndex", app_name="api")
+    idx.set_fault.remote(down=True).result(timeout_s=30)
+    try:
+        r = _post(base, "/v1/search/text", json={"title": "cake", "k": 3})
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0, r.text
+        assert requests.get(base + "/readyz", timeout=30).status_code == 503
+        assert requests.get(base + "/v1/recipes/rec001", timeout=30).status_code == 503
+        assert requests.get(base + "/healthz", timeout=30).status_code == 200  # alive, not ready
+    finally:
+        idx.set_fault.remote().result(timeout_s=30)
+    assert _post(base, "/v1/search/text", json={"title": "cake", "k": 3}).status_code == 200
+
+
+def test_slow_backend_times_out_instead_of_hanging(api):
+    from ray import serve
+
+    base, _, _ = api
+    idx = serve.get_deployment_handle("SearchIndex", app_name="api")
+    idx.set_fault.remote(delay_s=TIMEOUT_S + 4).result(timeout_s=30)
+    try:
+        t = time.perf_counter()
+        r = _post(base, "/v1/search/text", json={"title": "cake", "k": 3})
+        took = time.perf_counter() - t
+        assert r.status_code == 504, r.text
+        assert took < TIMEOUT_S + 3
+    finally:
+        idx.set_fault.remote().result(timeout_s=60)
+    time.sleep(TIMEOUT_S + 4)  # let the delayed call drain before the next test
+
+
+def test_ui_through_serve_with_gradio_client(api):
+    from gradio_client import Client, handle_file
+
+    base, run, _ = api
+    assert requests.get(base + "/ui/", timeout=30).status_code == 200
+    c = Client(base + "/ui/", verbose=False)
+    names = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/search_text", "/search_image"} <= names
+    gal = c.predict("tomato soup", "1 cup flour", "", 3, api_name="/search_text")
+    assert len(gal) == 3 and all("(" in g["caption"] for g in gal)
+    p = run.parent / "q.jpg"
+    p.write_bytes(_jpeg(COLOURS[3]))
+    tab = c.predict(handle_file(str(p)), 2, api_name="/search_image")
+    assert len(tab["data"]) == 2 and tab["headers"] == ["title", "ingredients", "score"]

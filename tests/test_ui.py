@@ -1,0 +1,74 @@
+"""The Gradio Blocks app: layout, the Searcher-backed callables, and a gradio_client round trip (no Ray).
+
+The same Blocks are mounted in Serve by ``GradioUI``; that path is covered in tests/test_serve.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import free_port
+from test_search import COLOURS, _jpeg, build_tiny_index, make_tiny_run
+
+
+@pytest.fixture(scope="module")
+def searcher(tmp_path_factory):
+    from tnlbt.index.search import Searcher
+
+    run = make_tiny_run(tmp_path_factory.mktemp("ui"))
+    build_tiny_index(run)
+    s = Searcher.from_run(run)
+    yield run, s
+    s.close()
+
+
+def test_metrics_table_flattens_nested_metrics():
+    from ui.app import _metrics_rows
+
+    headers, rows = _metrics_rows(
+        {"1k": {"im2rec": {"medR": 1.0, "R@1": 0.51234}}, "n": 3, "meta": {"checkpoint": "/x"}}
+    )
+    assert headers == ["metric", "value"]
+    assert rows == [["1k / im2rec / medR", 1.0], ["1k / im2rec / R@1", 0.5123], ["n", 3]]
+    assert _metrics_rows(None)[1] == []
+
+
+def test_demo_in_process_and_via_gradio_client(searcher, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from serve.app import load_examples, load_model_card
+    from ui.app import build_demo, searcher_fns
+
+    run, s = searcher
+    examples = load_examples(run, 2)
+    assert len(examples["text"]) == 2 and len(examples["images"]) == 2
+    card = load_model_card(run)
+    assert card["metrics"]["1k"]["image_to_recipe"]["medR"] == 12.0 and card["run"] == "tiny"
+    text_fn, image_fn = searcher_fns(s)
+    demo = build_demo(text_fn, image_fn, examples, card)
+    # Blocks called as a function: no server
+    gal = demo("tomato soup", "1 cup flour", "", 4, api_name="search_text")
+    assert len(gal) == 4
+    _, url, _ = demo.launch(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True
+    )
+    try:
+        c = Client(url, verbose=False)
+        named = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
+        assert {"/search_text", "/search_image"} <= named
+        gal = c.predict("chocolate cake", "", "", 3, api_name="/search_text")
+        from tnlbt.index.embed import RecipeText
+
+        want = [h["title"] for h in s.search_text(RecipeText("chocolate cake"), k=3)]
+        assert [g["caption"].rsplit("  (", 1)[0] for g in gal] == want  # same ranking as the Searcher
+        p = tmp_path / "q.jpg"
+        p.write_bytes(_jpeg(COLOURS[4]))
+        tab = c.predict(handle_file(str(p)), 2, api_name="/search_image")
+        want = [h["title"] for h in s.search_image(p, k=2)]
+        assert [row[0] for row in tab["data"]] == want
+        # empty query -> a Gradio error, not a crash
+        from gradio_client.exceptions import AppError
+
+        with pytest.raises(AppError):
+            c.predict("", "", "", 3, api_name="/search_text")
+    finally:
+        demo.close()
