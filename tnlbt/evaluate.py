@@ -1,0 +1,157 @@
+"""``tnlbt eval``: embed a processed split with a run's checkpoint and report the Recipe1M table.
+
+As H-T's evaluation (method-research.md §5.1): every paired recipe of the split with its *first* photo (eval
+transform), rows sorted by recipe id so the bags do not depend on how the split was sharded; bagged medR and
+R@1/5/10 in both directions (:func:`tnlbt.metrics.evaluate_embeddings`). Rows that cannot be collated (e.g. a
+photo that no longer decodes) are skipped and counted. No Ray here: evaluation of a test split fits one
+process; ``tnlbt index`` is the Ray Data path for big corpora.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Columns embedding needs (labels and raw text are not read).
+_COLUMNS = ["id", "has_image", "title_ids", "ingredient_ids", "instruction_ids", "images"]
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def embed_split(model: Any, split_dir: str | Path, *, batch_size: int = 64,
+                image_pick: Literal["first", "random"] = "first",
+                device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Embed the paired rows of one processed split.
+
+    Returns ``{"ids": list[str], "image_emb": (N, D) float32, "recipe_emb": (N, D) float32, "skipped": int,
+    "skipped_ids": list[str] (first 20)}``, rows sorted by recipe id. ``model`` needs ``encode_image``,
+    ``encode_recipe`` and ``image_transform(train=False)`` (docs/contracts.md §4); it is put in eval mode.
+    A batch that fails to collate is retried row by row so one bad photo costs one row, not the batch.
+    """
+    from tnlbt.data.collate import collate
+    from tnlbt.data.dataset import RecipeDataset
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    dev = torch.device(device)
+    ds = RecipeDataset(split_dir, paired_only=True, columns=_COLUMNS)
+    if hasattr(model, "eval"):
+        model.eval()
+    transform = model.image_transform(train=False)
+
+    def make(rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        # n_ingredients=1: the "ingredient_labels" column is not read, so no label can be out of range.
+        batch = collate(rows, n_ingredients=1, image_transform=transform, image_pick=image_pick)
+        if "image" not in batch:
+            raise ValueError("a row has no decodable photo")
+        return batch
+
+    ids: list[str] = []
+    img_parts: list[np.ndarray] = []
+    rec_parts: list[np.ndarray] = []
+    skipped: list[str] = []
+
+    def encode(rows: Sequence[Mapping[str, Any]], batch: dict[str, torch.Tensor]) -> None:
+        b = _to_device(batch, dev)
+        img = model.encode_image(b["image"], normalize=True)
+        rec = model.encode_recipe(b, normalize=True)
+        img_parts.append(img.float().cpu().numpy())
+        rec_parts.append(rec.float().cpu().numpy())
+        ids.extend(str(r["id"]) for r in rows)
+
+    n = len(ds)
+    for start in range(0, n, batch_size):
+        rows = [ds[i] for i in range(start, min(start + batch_size, n))]
+        try:
+            batch = make(rows)
+        except Exception as e:  # bad input: isolate the offending rows, skip and count them
+            log.debug("batch at %d failed to collate (%s); retrying row by row", start, e)
+            for r in rows:
+                try:
+                    encode([r], make([r]))
+                except Exception as e1:
+                    log.warning("row %s skipped: %s: %s", r.get("id"), type(e1).__name__, e1)
+                    skipped.append(str(r.get("id")))
+            continue
+        encode(rows, batch)
+    if not ids:
+        raise ValueError(f"no usable paired rows in {split_dir} ({len(skipped)} skipped)")
+    image_emb = np.concatenate(img_parts).astype(np.float32, copy=False)
+    recipe_emb = np.concatenate(rec_parts).astype(np.float32, copy=False)
+    order = np.argsort(np.asarray(ids), kind="stable")
+    return {
+        "ids": [ids[i] for i in order],
+        "image_emb": np.ascontiguousarray(image_emb[order]),
+        "recipe_emb": np.ascontiguousarray(recipe_emb[order]),
+        "skipped": len(skipped),
+        "skipped_ids": skipped[:20],
+    }
+
+
+def find_checkpoint(run: str | Path) -> Path:
+    """``RUN`` itself if it holds ``model.safetensors``, else ``RUN/checkpoints/best``, else ``.../last``."""
+    run = Path(run)
+    if (run / "model.safetensors").is_file():
+        return run
+    for name in ("best", "last"):
+        d = run / "checkpoints" / name
+        if (d / "model.safetensors").is_file():
+            return d
+    raise FileNotFoundError(f"no checkpoint in {run}: expected {run}/model.safetensors or "
+                            f"{run}/checkpoints/best|last/model.safetensors (train first)")
+
+
+def cli_eval(args: argparse.Namespace) -> int:
+    """``tnlbt eval --run RUN [--split test] [--data DIR] [--bags N] [--mode random|fixed]``."""
+    from tnlbt.metrics import evaluate_embeddings, format_table
+    from tnlbt.models import load_model
+
+    run = Path(args.run)
+    ckpt = find_checkpoint(run)
+    model, cfg, _vocab, _ingredients = load_model(ckpt)
+    data_dir = Path(args.data or cfg.data.processed_dir)
+    split_dir = data_dir / args.split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"no processed split at {split_dir} (pass --data or run `tnlbt preprocess`)")
+    ecfg = cfg.eval
+    if getattr(args, "bags", None) is not None:
+        if args.bags < 1:
+            raise ValueError(f"--bags must be >= 1; got {args.bags}")
+        ecfg = dataclasses.replace(ecfg, n_bags=args.bags)
+    if getattr(args, "mode", None):
+        ecfg = dataclasses.replace(ecfg, mode=args.mode)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    t0 = time.perf_counter()
+    emb = embed_split(model, split_dir, batch_size=max(1, min(cfg.train.batch_size, 256)), device=device)
+    t_embed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = evaluate_embeddings(emb["image_emb"], emb["recipe_emb"], ecfg)
+    t_metrics = time.perf_counter() - t0
+    out = dict(metrics)
+    out["meta"] = {
+        "checkpoint": str(ckpt), "split": args.split, "data": str(data_dir), "n_pairs": len(emb["ids"]),
+        "skipped_rows": emb["skipped"], "skipped_ids": emb["skipped_ids"], "mode": ecfg.mode,
+        "n_bags": ecfg.n_bags, "seed": ecfg.seed, "embed_seconds": round(t_embed, 2),
+        "metrics_seconds": round(t_metrics, 2),
+    }
+    path = run / f"metrics_{args.split}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"{args.split}: {len(emb['ids'])} pairs ({emb['skipped']} skipped), checkpoint {ckpt}")
+    print(format_table(metrics))
+    print(f"wrote {path}")
+    return 0
