@@ -13,11 +13,12 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 PYTEST_FAST := -m "not slow and not browser and not gpu"
 
-.PHONY: install demo test test-all test-slow lint bench clean help
+.PHONY: install demo test test-all test-slow test-browser lint bench clean help
 
 help:
 	@echo "make demo      synth -> preprocess -> train -> eval -> index -> serve (API + UI)"
 	@echo "make test      the default test suite (fast + Ray tests)"
+	@echo "make test-browser  the headless-Chromium UI test (needs Debian chromium + chromium-driver)"
 	@echo "make test-all  everything, including slow and browser tests"
 	@echo "make lint      ruff"
 	@echo "make bench     benchmarks -> bench/results/*.json"
@@ -40,6 +41,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m "slow and not browser and not gpu" $(PYTEST_ARGS)
+
+test-browser: $(STAMP)
+	$(BIN)/pytest -m browser $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)

@@ -226,7 +226,6 @@ class TrainConfig:
     shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer (with per-epoch block-order shuffle)
     image_pick: Literal["random", "first"] = "random"  # which of a recipe's photos a paired row uses
     val_max_rows: int = 0  # cap on val rows embedded per epoch (0 = the whole split)
-    steps_per_epoch_hint: int = 0  # paired steps per epoch for schedules when the split size is unknown (0 = count)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_name) and "/" not in self.run_name, "train.run_name",
@@ -243,7 +242,6 @@ class TrainConfig:
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0 (0 = off)")
         _check(self.val_max_rows >= 0, "train.val_max_rows", "must be >= 0")
-        _check(self.steps_per_epoch_hint >= 0, "train.steps_per_epoch_hint", "must be >= 0")
 
 
 @dataclass(frozen=True)

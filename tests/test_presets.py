@@ -1,0 +1,85 @@
+"""Every YAML preset loads and validates; the paper and ablation presets say what they claim to."""
+
+from __future__ import annotations
+
+import pytest
+
+from tnlbt.config import Config, configs_dir, list_presets
+
+EXPECTED = {"tiny_test", "demo_cpu", "recipe1m_vit_b16", "ablation_no_dynamic_margin",
+            "ablation_no_cross_decoder",
+            "ablation_no_gan", "ablation_no_recipe_ssl", "ablation_small_batch"}
+
+# ablation -> the only (section, key) pairs allowed to differ from demo_cpu (besides train.run_name)
+ABLATIONS = {
+    "ablation_no_dynamic_margin": {("loss", "margin_schedule")},  # constant at loss.margin (0.3, the max)
+    "ablation_no_cross_decoder": {("model", "cross_decoder")},
+    "ablation_no_gan": {("model", "adversarial"), ("model", "generator")},
+    "ablation_no_recipe_ssl": {("loss", "w_recipe_ssl"), ("train", "recipe_only_every")},
+    "ablation_small_batch": {("scaling", "cache_steps"), ("train", "batch_size")},
+}
+
+
+def global_batch(c: Config) -> int:
+    return c.train.batch_size * c.scaling.num_workers * c.scaling.cache_steps
+
+
+def test_all_presets_present() -> None:
+    assert set(list_presets()) >= EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_loads_validates_and_roundtrips(name: str) -> None:
+    cfg = Config.load(name)
+    again = Config.from_dict(cfg.to_dict())
+    assert again == cfg
+    # every key in the file is a real field (the loader would have raised otherwise) and the run is named
+    assert cfg.train.run_name
+    assert (configs_dir() / f"{name}.yaml").read_text().strip()
+
+
+def test_tiny_test_is_tiny() -> None:
+    c = Config.load("tiny_test")
+    assert c.model.embed_dim <= 64 and c.model.text_layers == 1 and c.model.image_size <= 64
+    assert c.model.image_pretrained == ""  # never a download in tests
+    assert c.train.precision == "fp32"
+
+
+def test_paper_preset() -> None:
+    c = Config.load("recipe1m_vit_b16")
+    m = c.model
+    assert (m.image_model, m.embed_dim, m.text_width, m.text_layers, m.text_heads) == \
+        ("vit_base_patch16_224", 1024, 512, 2, 4)
+    assert global_batch(c) == 768
+    assert c.scaling.use_gpu and c.train.precision == "bf16" and c.train.epochs == 100
+    assert m.cross_decoder and m.adversarial and m.generator and c.loss.w_recipe_ssl > 0
+
+
+def test_demo_cpu_runs_offline_on_cpu() -> None:
+    c = Config.load("demo_cpu")
+    assert not c.scaling.use_gpu and c.model.image_pretrained == ""
+    assert global_batch(c) >= 4 * c.train.batch_size  # the large-batch machinery is exercised
+    assert c.model.cross_decoder and c.model.adversarial and c.model.generator
+
+
+def _diff(a: dict, b: dict) -> set[tuple[str, str]]:
+    return {(s, k) for s in a for k in a[s] if a[s][k] != b[s][k]}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_ablation_switches_off_exactly_one_term(name: str) -> None:
+    base = Config.load("demo_cpu").to_dict()
+    abl = Config.load(name).to_dict()
+    diff = _diff(base, abl) - {("train", "run_name")}
+    assert diff == ABLATIONS[name]
+    c = Config.load(name)
+    if name == "ablation_no_dynamic_margin":
+        assert c.loss.margin_schedule == "constant"
+    elif name == "ablation_no_cross_decoder":
+        assert not c.model.cross_decoder
+    elif name == "ablation_no_gan":
+        assert not c.model.adversarial and not c.model.generator
+    elif name == "ablation_no_recipe_ssl":
+        assert c.loss.w_recipe_ssl == 0 and c.train.recipe_only_every == 0
+    elif name == "ablation_small_batch":
+        assert c.scaling.cache_steps == 1 and global_batch(c) < global_batch(Config.load("demo_cpu"))
