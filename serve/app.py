@@ -214,21 +214,21 @@ def patient_serve_env() -> None:
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 
-def cli_serve(args: argparse.Namespace) -> int:
+def serve_until_interrupted(app_args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
+                            ready_timeout_s: float = 120.0) -> int:
+    """Start Ray (if needed), the API and the UI; print the URLs and block until Ctrl-C."""
     import ray
 
     patient_serve_env()
-    if not Path(args.run).exists():
-        raise FileNotFoundError(f"run directory not found: {args.run}")
     if not ray.is_initialized():
         # Logical CPUs at least 4: the app's five deployments must all be scheduled on a 2-core laptop.
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    app_args = {"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path}
-    urls = run_local(app_args, host=args.host, port=args.port)
-    ok = wait_ready(f"http://{args.host}:{args.port}")
+    print("[serve] starting the API and the UI on Ray Serve ...", flush=True)
+    urls = run_local(app_args, host=host, port=port)
+    ok = wait_ready(f"http://{host}:{port}", timeout_s=ready_timeout_s)
+    print("ready:" if ok else "started, but /readyz is not 200 yet (see `serve status`):", flush=True)
     for name, url in urls.items():
         print(f"  {name:6s} {url}")
-    print("ready" if ok else "started, but /readyz is not 200 yet (see `serve status`)", flush=True)
     print("Ctrl-C to stop.", flush=True)
     try:
         while True:
@@ -238,3 +238,10 @@ def cli_serve(args: argparse.Namespace) -> int:
 
         serve.shutdown()
     return 0
+
+
+def cli_serve(args: argparse.Namespace) -> int:
+    if not Path(args.run).exists():
+        raise FileNotFoundError(f"run directory not found: {args.run}")
+    app_args = {"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path}
+    return serve_until_interrupted(app_args, host=args.host, port=args.port)

@@ -135,25 +135,6 @@ def cli_demo(args: argparse.Namespace) -> int:
             f"indexed; stopping before serve (--no-serve). Try: tnlbt search --run {run} --text 'tomato soup'"
         )
         return 0
-    import ray
+    from serve.app import serve_until_interrupted
 
-    from serve.app import patient_serve_env, run_local, wait_ready
-
-    patient_serve_env()
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    print("[serve] starting the API and the UI on Ray Serve ...", flush=True)
-    urls = run_local({"run": str(run)}, port=args.port)
-    ok = wait_ready(f"http://127.0.0.1:{args.port}", timeout_s=300)
-    print("ready:" if ok else "started (not ready yet; see `serve status`):")
-    for name, url in urls.items():
-        print(f"  {name:6s} {url}")
-    print("Ctrl-C to stop.", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
-    return 0
+    return serve_until_interrupted({"run": str(run)}, port=args.port, ready_timeout_s=300)
