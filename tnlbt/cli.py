@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         # Expected user errors (missing data, bad arguments) get one clear line, not a traceback.
         if args.verbose:
             raise
-        print(f"tnlbt {args.command}: {e}", file=sys.stderr)
+        print(f"tnlbt {args.command}: {e} (tnlbt -v {args.command} ... shows the traceback)", file=sys.stderr)
         return 2
 
 
