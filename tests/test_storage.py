@@ -242,3 +242,75 @@ def test_ray_storage_with_custom_filesystem(fake_s3, mem_uri):
 def test_describe(tmp_path):
     d = storage.describe(f"file://{tmp_path}")
     assert d["scheme"] == "file" and d["remote"] is False and d["filesystem"] == "local"
+
+
+# -- the on-disk object store (S3 semantics) ----------------------------------------------------------
+@pytest.fixture
+def disk_s3(tmp_path, monkeypatch):
+    """``s3://`` routed through TNLBT_STORAGE_ROUTES to an ObjectStoreOnDisk under ``tmp_path/objs``."""
+    root = tmp_path / "objs"
+    monkeypatch.setenv("TNLBT_STORAGE_ROUTES", f"s3={root}")
+    yield root
+    monkeypatch.delenv("TNLBT_STORAGE_ROUTES")
+    storage.resolve("/")  # forget the route
+
+
+def test_roundtrip_object_store_on_disk(disk_s3):
+    _roundtrip("s3://bucket/prefix")
+    assert storage.describe("s3://bucket/x")["filesystem"] == "py::objectstore-on-disk"
+
+
+def test_object_store_on_disk_has_s3_semantics(disk_s3):
+    fs, base = storage.resolve("s3://bucket/run")
+    storage.makedirs("s3://bucket/run/empty")  # no marker objects: an empty prefix does not exist
+    assert not storage.exists("s3://bucket/run/empty")
+    with storage.open_output("s3://bucket/run/a.txt") as f:
+        f.write(b"part")
+        assert not storage.exists("s3://bucket/run/a.txt")  # visible only once the upload completes
+    assert storage.read_bytes("s3://bucket/run/a.txt") == b"part"
+    assert storage.isdir("s3://bucket/run")
+    with pytest.raises(OSError, match="append"):
+        fs.open_append_stream(f"{base}/a.txt")
+    storage.write_text("s3://bucket/run/d/x.json", "{}")
+    with pytest.raises(OSError, match="rename a prefix"):
+        fs.move(f"{base}/d", f"{base}/e")
+    fs.move(f"{base}/a.txt", f"{base}/b.txt")  # single objects can move (copy + delete on S3)
+    assert storage.listdir("s3://bucket/run") == ["b.txt", "d"]
+    storage.remove("s3://bucket/run/d/x.json")
+    assert storage.listdir("s3://bucket/run") == ["b.txt"]  # the prefix went with its last object
+
+
+def test_object_store_route_reaches_other_processes(disk_s3):
+    import subprocess
+    import sys
+
+    storage.write_text("s3://bucket/shared/hello.txt", "from the parent")
+    code = ("from tnlbt import storage; print(storage.read_text('s3://bucket/shared/hello.txt'));"
+            "storage.write_text('s3://bucket/shared/child.txt', 'from the child')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.strip() == "from the parent"
+    assert storage.read_text("s3://bucket/shared/child.txt") == "from the child"
+
+
+def test_object_store_filesystem_pickles_for_ray_tasks(disk_s3):
+    import pickle
+
+    fs, path = storage.resolve("s3://bucket/p/t.parquet")
+    pq.write_table(pa.table({"x": [1, 2]}), path, filesystem=fs)
+    fs2 = pickle.loads(pickle.dumps(fs))
+    assert pq.read_table(path, filesystem=fs2).column("x").to_pylist() == [1, 2]
+    assert storage.ray_storage("s3://bucket/runs") == ("bucket/runs", fs)
+
+
+def test_routes_env_is_validated_and_code_routes_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("TNLBT_STORAGE_ROUTES", "s3")
+    with pytest.raises(storage.StorageError, match="scheme=/local/folder"):
+        storage.resolve("s3://b/k")
+    code_fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    storage.register_filesystem("s3", code_fs)
+    try:
+        monkeypatch.setenv("TNLBT_STORAGE_ROUTES", f"s3={tmp_path / 'other'}")
+        assert storage.resolve("s3://b/k")[0] is code_fs
+    finally:
+        storage.register_filesystem("s3", None)
+        monkeypatch.delenv("TNLBT_STORAGE_ROUTES")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 __all__ = [
@@ -43,7 +44,9 @@ __all__ = [
     "join",
     "listdir",
     "local_path",
+    "ObjectStoreOnDisk",
     "makedirs",
+    "object_store_on_disk",
     "open_input",
     "open_output",
     "ray_storage",
@@ -205,6 +208,7 @@ def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     """
     s = os.fspath(uri)
     sc = scheme(s)
+    _routes_from_env()
     if sc in _registry:
         fs = _registry[sc]
         return fs, _inner_path(sc, s, fs)
@@ -219,7 +223,7 @@ def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
 
 
 def _is_object_store(fs: pafs.FileSystem) -> bool:
-    return fs.type_name in _OBJECT_STORE_TYPES
+    return fs.type_name in _OBJECT_STORE_TYPES or fs.type_name == "py::objectstore-on-disk"
 
 
 # -- queries ----------------------------------------------------------------------------------------
@@ -370,6 +374,7 @@ def ray_storage(uri: str | os.PathLike[str]) -> tuple[str, pafs.FileSystem | Non
     """
     s = os.fspath(uri)
     sc = scheme(s)
+    _routes_from_env()
     if sc in _registry:
         fs, path = resolve(s)
         return path, fs
@@ -404,3 +409,216 @@ def ensure_parent(uri: str | os.PathLike[str]) -> None:
     parent = posixpath.dirname(path)
     if parent and not _is_object_store(fs):
         fs.create_dir(parent, recursive=True)
+
+
+# -- an object store on local disk (tests, laptops, multi-process runs) -----------------------------
+_ROUTES_ENV = "TNLBT_STORAGE_ROUTES"
+
+
+class ObjectStoreOnDisk(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler that stores objects under a local folder *with S3's semantics*.
+
+    What makes it stricter than ``SubTreeFileSystem`` (and so a useful stand-in for S3/GCS in tests):
+
+    * directories do not exist by themselves: a prefix "exists" only while some object lies under it, and
+      ``create_dir`` is a no-op, as on S3 without marker objects;
+    * no appends (``open_append_stream`` raises, as pyarrow's S3 does) and no directory renames (``move`` of a
+      prefix raises): code that appends to a log or renames a temp folder into place fails here as it would
+      on S3;
+    * an object becomes visible only when its output stream is closed (written to a hidden temp file, then
+      renamed), like a multipart upload that completes on close.
+
+    Processes see the same objects because they share the folder; route a scheme to it in every process of a
+    run (Ray workers included) with ``TNLBT_STORAGE_ROUTES="s3=/tmp/fake-s3"`` (see :func:`resolve`).
+    """
+
+    _TMP = ".objectstore-tmp"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        os.makedirs(os.path.join(self.root, self._TMP), exist_ok=True)
+        self._local = pafs.LocalFileSystem()
+
+    # pyarrow pickles filesystems into Ray tasks: rebuild from the root folder
+    def __reduce__(self):  # noqa: D105
+        return (ObjectStoreOnDisk, (self.root,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectStoreOnDisk) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def _abs(self, path: str) -> str:
+        path = path.strip("/")
+        if path.split("/", 1)[0] == self._TMP:
+            raise OSError(f"{path}: reserved")
+        return os.path.join(self.root, path) if path else self.root
+
+    def _rel(self, abspath: str) -> str:
+        return os.path.relpath(abspath, self.root).replace(os.sep, "/")
+
+    def _has_objects(self, abspath: str) -> bool:
+        for _dirpath, _dirs, files in os.walk(abspath):
+            if files:
+                return True
+        return False
+
+    def _info(self, path: str) -> pafs.FileInfo:
+        a = self._abs(path)
+        if os.path.isfile(a):
+            st = os.stat(a)
+            return pafs.FileInfo(path.strip("/"), pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        if os.path.isdir(a) and (a == self.root or self._has_objects(a)):
+            return pafs.FileInfo(path.strip("/"), pafs.FileType.Directory)
+        return pafs.FileInfo(path.strip("/"), pafs.FileType.NotFound)
+
+    # -- FileSystemHandler API --
+    def get_type_name(self) -> str:
+        return "objectstore-on-disk"
+
+    def normalize_path(self, path: str) -> str:
+        return path.strip("/")
+
+    def equals(self, other: object) -> bool:
+        return self == other
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return [self._info(p) for p in paths]
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        base = self._abs(selector.base_dir)
+        if self._info(selector.base_dir).type != pafs.FileType.Directory:
+            if selector.allow_not_found:
+                return []
+            raise FileNotFoundError(selector.base_dir)
+        out = []
+        for dirpath, dirs, files in os.walk(base):
+            dirs[:] = sorted(d for d in dirs if not (dirpath == self.root and d == self._TMP))
+            for d in dirs:
+                info = self._info(self._rel(os.path.join(dirpath, d)))
+                if info.type == pafs.FileType.Directory:
+                    out.append(info)
+            out.extend(self._info(self._rel(os.path.join(dirpath, f))) for f in sorted(files))
+            if not selector.recursive:
+                break
+        return out
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        return None  # prefixes are implicit
+
+    def delete_dir(self, path: str) -> None:
+        a = self._abs(path)
+        if os.path.isdir(a):
+            shutil.rmtree(a)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        a = self._abs(path)
+        if not os.path.isdir(a):
+            if missing_dir_ok:
+                return
+            raise FileNotFoundError(path)
+        for name in os.listdir(a):
+            p = os.path.join(a, name)
+            if a == self.root and name == self._TMP:
+                continue
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+    def delete_root_dir_contents(self) -> None:
+        self.delete_dir_contents("", missing_dir_ok=True)
+
+    def delete_file(self, path: str) -> None:
+        a = self._abs(path)
+        if not os.path.isfile(a):
+            raise FileNotFoundError(path)
+        os.remove(a)
+
+    def move(self, src: str, dest: str) -> None:
+        if not os.path.isfile(self._abs(src)):
+            raise OSError(f"{src}: an object store cannot rename a prefix (copy the objects instead)")
+        d = self._abs(dest)
+        os.makedirs(os.path.dirname(d), exist_ok=True)
+        os.replace(self._abs(src), d)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        d = self._abs(dest)
+        os.makedirs(os.path.dirname(d), exist_ok=True)
+        shutil.copyfile(self._abs(src), d)
+
+    def open_input_stream(self, path: str) -> Any:
+        return self._local.open_input_stream(self._abs(path))
+
+    def open_input_file(self, path: str) -> Any:
+        return self._local.open_input_file(self._abs(path))
+
+    def open_output_stream(self, path: str, metadata: Any = None) -> Any:
+        final = self._abs(path)
+        if os.path.isdir(final):
+            raise IsADirectoryError(path)
+        tmp = os.path.join(self.root, self._TMP, f"{os.getpid()}-{threading.get_ident()}-{id(final)}-"
+                           f"{os.urandom(4).hex()}")
+        return pa.PythonFile(_PublishOnClose(tmp, final), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any = None) -> Any:
+        raise OSError(f"{path}: object stores do not support appending (rewrite the object instead)")
+
+
+class _PublishOnClose(io.RawIOBase):
+    """A write-only file that appears at ``final`` only when closed without error."""
+
+    def __init__(self, tmp: str, final: str) -> None:
+        super().__init__()
+        self._tmp, self._final = tmp, final
+        self._fh = open(tmp, "wb")  # noqa: SIM115 - closed in close()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return self._fh.write(b)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._fh.close()
+        os.makedirs(os.path.dirname(self._final), exist_ok=True)
+        os.replace(self._tmp, self._final)
+        super().close()
+
+
+def object_store_on_disk(root: str | os.PathLike[str]) -> pafs.FileSystem:
+    """A :class:`pyarrow.fs.FileSystem` with S3 semantics stored under ``root`` (see :class:`ObjectStoreOnDisk`)."""
+    return pafs.PyFileSystem(ObjectStoreOnDisk(root))
+
+
+def _routes_from_env() -> None:
+    """Apply ``TNLBT_STORAGE_ROUTES="s3=/dir,gs=/dir2"``: each scheme goes to an :class:`ObjectStoreOnDisk`.
+
+    Read on every :func:`resolve` (cheap) so that Ray workers, which inherit the driver's environment, route the
+    same way without any setup call. Routes set in code with :func:`register_filesystem` win; a route that
+    came from the variable goes away when the variable no longer names it.
+    """
+    spec = os.environ.get(_ROUTES_ENV, "")
+    wanted: dict[str, str] = {}
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        sc, sep, root = item.partition("=")
+        if not sep or not sc.strip() or not root.strip():
+            raise StorageError(f"{_ROUTES_ENV}={spec!r}: expected 'scheme=/local/folder[,scheme=/folder]'")
+        wanted[sc.strip().lower()] = os.path.abspath(root.strip())
+    with _lock:
+        for sc in list(_env_routed):
+            if sc not in wanted:
+                _registry.pop(sc, None)
+                _env_routed.discard(sc)
+        for sc, root in wanted.items():
+            current = _registry.get(sc)
+            if current is not None and sc not in _env_routed:
+                continue  # registered in code
+            if current is None or current.handler.root != root:
+                _registry[sc] = object_store_on_disk(root)
+                _env_routed.add(sc)
+
+
+_env_routed: set[str] = set()
