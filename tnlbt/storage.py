@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 __all__ = [
+    "ObjectStoreOnDisk",
     "StorageError",
     "as_text_stream",
     "clear_filesystem_cache",
@@ -44,7 +45,6 @@ __all__ = [
     "join",
     "listdir",
     "local_path",
-    "ObjectStoreOnDisk",
     "makedirs",
     "object_store_on_disk",
     "open_input",
@@ -440,7 +440,7 @@ class ObjectStoreOnDisk(pafs.FileSystemHandler):
         self._local = pafs.LocalFileSystem()
 
     # pyarrow pickles filesystems into Ray tasks: rebuild from the root folder
-    def __reduce__(self):  # noqa: D105
+    def __reduce__(self):
         return (ObjectStoreOnDisk, (self.root,))
 
     def __eq__(self, other: object) -> bool:
@@ -459,10 +459,7 @@ class ObjectStoreOnDisk(pafs.FileSystemHandler):
         return os.path.relpath(abspath, self.root).replace(os.sep, "/")
 
     def _has_objects(self, abspath: str) -> bool:
-        for _dirpath, _dirs, files in os.walk(abspath):
-            if files:
-                return True
-        return False
+        return any(files for _dirpath, _dirs, files in os.walk(abspath))
 
     def _info(self, path: str) -> pafs.FileInfo:
         a = self._abs(path)
