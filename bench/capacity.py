@@ -53,7 +53,7 @@ PRICES = {
 class Row:
     stage: str
     what: str
-    status: str  # "ok" | "partial" | "MISSING"
+    status: str  # "ok" | "CPU" (computed, from CPU measurements only) | "partial" | "MISSING"
     arithmetic: list[str] = field(default_factory=list)
     hours: float | None = None
     cost_usd: float | None = None
@@ -142,7 +142,40 @@ def _preprocess_rates(d: dict[str, Any]) -> tuple[float, float, str, list[str]] 
     return None
 
 
-def preprocess_row(results: Path, nodes: int, cores: int, node_type: str, prices: dict[str, float]) -> Row:
+def _photo_size_extra_s(d: dict[str, Any], photo_px: int) -> tuple[float, str] | None:
+    """Extra CPU seconds per photo at ``photo_px`` source size over the throughput corpus's 128 px photos.
+
+    From ``decode.by_source_px`` (bench/preprocess.py --only decode): the same decode/resize/re-encode work
+    timed on one core for generator photos rendered at several sizes. None when not measured.
+    """
+    by = (d.get("decode") or {}).get("by_source_px") or {}
+    base, at = by.get("128"), by.get(str(photo_px))
+    if not base or not at:
+        return None
+    extra = (at["cpu_ms_per_photo"] - base["cpu_ms_per_photo"]) / 1000
+    return extra, (f"decode.by_source_px.{{128,{photo_px}}}.cpu_ms_per_photo = {base['cpu_ms_per_photo']} -> "
+                   f"{at['cpu_ms_per_photo']} ms")
+
+
+def _stage_costs(d: dict[str, Any]) -> tuple[float, float, float, str] | None:
+    """(serial s/recipe, vocab s/recipe, CPU s/photo of the shard tasks, source) from the 1-CPU runs' timings."""
+    runs = ((d.get("throughput") or {}).get("1") or {}).get("runs") or []
+    good = [r for r in runs if r.get("timings") and r.get("recipes") and r.get("photos_ok")]
+    if not good:
+        return None
+
+    def med(f) -> float:
+        vals = sorted(f(r) for r in good)
+        return vals[len(vals) // 2]
+
+    return (med(lambda r: r["timings"]["read_s"] / r["recipes"]),
+            med(lambda r: r["timings"]["vocab_s"] / r["recipes"]),
+            med(lambda r: r["timings"]["process_cpu_s"] / r["photos_ok"]),
+            f"throughput.1.runs[].timings.{{read_s,vocab_s,process_cpu_s}} (median of {len(good)} runs)")
+
+
+def preprocess_row(results: Path, nodes: int, cores: int, node_type: str, prices: dict[str, float],
+                   photo_px: int = 512) -> Row:
     d = load(results, "preprocess")
     row = Row("preprocess", f"{WORKLOAD['recipes']:,} recipes + {WORKLOAD['photos']:,} photos on {nodes} x "
               f"{node_type} ({cores} cores each)", "MISSING")
@@ -157,22 +190,58 @@ def preprocess_row(results: Path, nodes: int, cores: int, node_type: str, prices
     where = machine_note(d) if d.get("machine") else "shared 2-core box"
     row.sources.append(f"preprocess.json:{src} ({where})")
     total = nodes * cores
-    h_r = WORKLOAD["recipes"] / (r * total) / 3600
-    h_i = WORKLOAD["photos"] / (i * total) / 3600
-    # Both rates come from the same runs (recipes and their photos processed together), so the true time
-    # lies between the larger of the two and their sum; the sum is used for the table (an upper bound).
-    row.arithmetic.append(f"recipes: {WORKLOAD['recipes']:,} / ({r:,.1f}/s/core x {total} cores) "
-                          f"= {fmt_h(h_r)}")
-    row.arithmetic.append(f"photos: {WORKLOAD['photos']:,} / ({i:,.1f}/s/core x {total} cores) "
-                          f"= {fmt_h(h_i)}")
-    row.hours = h_r + h_i
+    size = _photo_size_extra_s(d, photo_px)
+    if size is not None:
+        extra, size_src = size
+        i_bench = i
+        i = 1 / (1 / i + max(0.0, extra))
+        row.sources.append(f"preprocess.json:{size_src}")
+        row.arithmetic.append(
+            f"photo size: the throughput corpus has 128 px photos; at {photo_px} px (--photo-px, an assumption "
+            f"about Recipe1M's photos) each costs {extra * 1000:+.2f} CPU ms more: 1 / (1 / {i_bench:,.1f} + "
+            f"{extra:.5f}) = {i:,.1f} photos/s/core")
+    else:
+        row.missing.append("per-photo cost by source size (bench/preprocess.py --only decode): the photo rate "
+                           "below is for the generator's 128 px photos")
+    stages = _stage_costs(d)
+    if stages is not None:
+        # Amdahl: stage 1 (the driver streams layer1.json into shards) is serial; vocabulary counting and the
+        # per-shard work (tokenise + photos + Parquet) run on every core. Per-shard CPU cost is per photo
+        # (tokenising its recipe included), from the tasks' own CPU time: robust to other jobs on the box.
+        read_per_rec, vocab_per_rec, cpu_per_photo, n_src = stages
+        cpu_per_photo += max(0.0, extra) if size is not None else 0.0
+        h_read = WORKLOAD["recipes"] * read_per_rec / 3600
+        h_vocab = WORKLOAD["recipes"] * vocab_per_rec / total / 3600
+        h_proc = WORKLOAD["photos"] * cpu_per_photo / total / 3600
+        row.hours = h_read + h_vocab + h_proc
+        row.sources.append(f"preprocess.json:{n_src}")
+        row.arithmetic.append(f"stage 1, serial (driver streams layer1 -> shards): {WORKLOAD['recipes']:,} x "
+                              f"{read_per_rec * 1e6:.1f} us = {fmt_h(h_read)}")
+        row.arithmetic.append("stage 1's rate is for the generator's records (~870 bytes of JSON each); Recipe1M's "
+                              "layer1.json averages ~1.3 KB a record, so expect about 1.5x that stage")
+        row.arithmetic.append(f"stage 2, parallel (word counts): {WORKLOAD['recipes']:,} x {vocab_per_rec * 1e6:.1f}"
+                              f" us / {total} cores = {fmt_h(h_vocab)}")
+        row.arithmetic.append(f"stage 3, parallel (tokenise + photos + Parquet): {WORKLOAD['photos']:,} photos x "
+                              f"{cpu_per_photo * 1000:.2f} CPU ms / {total} cores = {fmt_h(h_proc)}")
+        row.arithmetic.append(f"total {fmt_h(row.hours)}; cost {fmt_h(row.hours)} x {nodes} x "
+                              f"${prices[node_type]}/h")
+    else:
+        h_r = WORKLOAD["recipes"] / (r * total) / 3600
+        h_i = WORKLOAD["photos"] / (i * total) / 3600
+        # Both rates come from the same runs, so the true time lies between the larger of the two and their
+        # sum; the sum is used for the table (an upper bound).
+        row.arithmetic.append(f"recipes: {WORKLOAD['recipes']:,} / ({r:,.1f}/s/core x {total} cores) "
+                              f"= {fmt_h(h_r)}")
+        row.arithmetic.append(f"photos: {WORKLOAD['photos']:,} / ({i:,.1f}/s/core x {total} cores) "
+                              f"= {fmt_h(h_i)}")
+        row.hours = h_r + h_i
+        row.arithmetic.append(f"time between max = {fmt_h(max(h_r, h_i))} and sum = {fmt_h(row.hours)} "
+                              f"(table: sum); cost {fmt_h(row.hours)} x {nodes} x ${prices[node_type]}/h")
     row.cost_usd = row.hours * nodes * prices[node_type]
-    row.arithmetic.append(f"time between max = {fmt_h(max(h_r, h_i))} and sum = {fmt_h(row.hours)} "
-                          f"(table: sum); cost {fmt_h(row.hours)} x {nodes} x ${prices[node_type]}/h")
     row.arithmetic.extend(notes)
-    row.arithmetic.append("not in the rates: reading the raw data from S3 (I/O not measured) and photo size "
-                          "(the benchmark decodes the generator's photos; Recipe1M's are larger, and decode "
-                          "time grows with pixels)")
+    row.arithmetic.append("not in the rates: reading the raw data and photos from S3 (I/O not measured here; "
+                          "887k small objects: keep the photos in a few tar/Parquet files or on node-local "
+                          "disk if S3 request rates limit)")
     row.status = "ok"
     return row
 
@@ -241,7 +310,30 @@ def train_row(results: Path, gpus: int, node_type: str, gpus_per_node: int, pric
     return row
 
 
-def index_row(results: Path, nodes: int, gpus_per_node: int) -> Row:
+def _embed_rates(results: Path) -> tuple[dict[str, tuple[float, str, float]], dict[str, Any]] | None:
+    """Per-core inference rates of the paper model from model.json ``embed`` (bench/model.py --only embed).
+
+    Returns ``{part: (vectors/s/core at the largest batch, precision, ms per vector at batch 1)}`` using the
+    faster precision for each part, and the JSON (for its machine note).
+    """
+    m = load(results, "model")
+    rows = ((m or {}).get("embed") or {}).get("results") or []
+    if not rows:
+        return None
+    out: dict[str, tuple[float, str, float]] = {}
+    for part in ("image", "recipe"):
+        mine = [r for r in rows if r["part"] == part and r.get("torch_threads") == 1]
+        if not mine:
+            continue
+        big = max(r["batch"] for r in mine)
+        best = max((r for r in mine if r["batch"] == big), key=lambda r: r["vectors_per_cpu_s"])
+        one = min((r for r in mine if r["batch"] == 1), key=lambda r: r["ms_per_vector"], default=None)
+        out[part] = (best["vectors_per_cpu_s"], f"{best['precision']} batch {big}",
+                     one["ms_per_vector"] if one else float("nan"))
+    return (out, m) if len(out) == 2 else None
+
+
+def index_row(results: Path, nodes: int, gpus_per_node: int, cpu_nodes: int = 4, cores: int = 32) -> Row:
     n = WORKLOAD["index_vectors"]
     row = Row("index", f"embed + load {n:,} vectors", "MISSING")
     d = load(results, "index")
@@ -278,6 +370,29 @@ def index_row(results: Path, nodes: int, gpus_per_node: int) -> Row:
         row.hours = h
     else:
         row.missing.append("encoder inference throughput on GPU (embed vectors/s/GPU); none measured yet")
+        er = _embed_rates(results)
+        if er is not None:
+            rates, m = er
+            (ri, pi, _), (rr, pr, _) = rates["image"], rates["recipe"]
+            total = cpu_nodes * cores
+            h_img = WORKLOAD["photos"] / (ri * total) / 3600
+            h_rec = WORKLOAD["recipes"] / (rr * total) / 3600
+            row.sources.append(f"model.json:embed.results[torch_threads=1] ({machine_note(m)})")
+            row.arithmetic.append(
+                f"embed on CPU instead ({cpu_nodes} x m6i.8xlarge, {total} cores, linear): photos "
+                f"{WORKLOAD['photos']:,} / ({ri:.2f}/s/core {pi} x {total}) = {fmt_h(h_img)}; recipes "
+                f"{WORKLOAD['recipes']:,} / ({rr:.2f}/s/core {pr} x {total}) = {fmt_h(h_rec)}")
+            load_h = None
+            edge = sorted(by_store.get("edge", []), key=lambda e: e["n"])
+            if edge:
+                load_h = n / (edge[-1]["n"] / edge[-1]["build_s"]) / 3600
+            row.hours = h_img + h_rec + (load_h or 0.0)
+            row.arithmetic.append(
+                f"table time = CPU embed {fmt_h(h_img + h_rec)} + edge load {fmt_h(load_h)} = {fmt_h(row.hours)}; "
+                f"cost = {fmt_h(h_img + h_rec)} x {cpu_nodes} x m6i.8xlarge (the load runs on one node)")
+            row.cost_usd = (h_img + h_rec) * cpu_nodes * PRICES["m6i.8xlarge"] + (load_h or 0.0) * PRICES[
+                "m6i.8xlarge"]
+            row.status = "CPU"
     return row
 
 
@@ -300,7 +415,30 @@ def serve_row(results: Path, qps: float, prices: dict[str, float]) -> Row:
         row.status = "ok"
     else:
         row.missing.append("GPU QPS per replica (gpu_qps_per_replica): no GPU measurement yet")
-        if cpu:
+        er = _embed_rates(results)
+        best = max((r for r in d.get("results", []) if r.get("rps") and r.get("errors", 1) == 0),
+                   key=lambda r: r["rps"], default=None)
+        if er is not None and best is not None:
+            rates, _ = er
+            cores = int((d.get("machine") or {}).get("cpus") or 2)
+            overhead = cores / best["rps"]  # CPU s per request of everything but the paper encoders (bound)
+            worst = max(rates["image"][2], rates["recipe"][2]) / 1000  # a photo query at batch 1 (slowest)
+            per_node = 32 / (worst + overhead)
+            nodes_needed = math.ceil(qps / per_node)
+            row.arithmetic.append(
+                f"CPU serving estimate: service overhead <= {cores} cores / {best['rps']} req/s "
+                f"({best['endpoint']}, c={best['concurrency']}, tiny model) = {overhead * 1000:.0f} CPU ms/request; "
+                f"paper encoders at batch 1 on one core: photo {rates['image'][2]} ms, text {rates['recipe'][2]} "
+                f"ms; worst case (all photo queries) one 32-core m6i.8xlarge = 32 / ({worst:.3f} + "
+                f"{overhead:.3f}) = {per_node:,.0f} QPS -> ceil({qps:g} / {per_node:,.0f}) = {nodes_needed} node(s)")
+            row.arithmetic.append(
+                f"latency floor per query on CPU: photo {rates['image'][2]} ms, text {rates['recipe'][2]} ms of "
+                "encoding (one core, no batching) plus search and HTTP")
+            row.cost_usd = nodes_needed * prices["m6i.8xlarge"] * 24 * 30
+            row.arithmetic.append(f"cost per 30 days = {nodes_needed} x ${prices['m6i.8xlarge']}/h x 720 h")
+            row.sources.append("model.json:embed.results[batch=1]")
+            row.status = "CPU"
+        elif cpu:
             replicas = math.ceil(qps / cpu[0]) if cpu[0] > 0 else None
             row.sources.append(cpu[1])
             row.arithmetic.append(
@@ -317,9 +455,9 @@ def serve_row(results: Path, qps: float, prices: dict[str, float]) -> Row:
 def build(args: argparse.Namespace, prices: dict[str, float]) -> list[Row]:
     results = Path(args.results)
     return [
-        preprocess_row(results, args.cpu_nodes, args.cores_per_node, "m6i.8xlarge", prices),
+        preprocess_row(results, args.cpu_nodes, args.cores_per_node, "m6i.8xlarge", prices, args.photo_px),
         train_row(results, args.gpus, args.train_node, 8 if args.train_node.startswith("p4d") else 4, prices),
-        index_row(results, args.index_gpu_nodes, 1),
+        index_row(results, args.index_gpu_nodes, 1, args.cpu_nodes, args.cores_per_node),
         serve_row(results, args.qps, prices),
     ]
 
@@ -354,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cores-per-node", type=int, default=32)
     p.add_argument("--index-gpu-nodes", type=int, default=2, help="g5.xlarge nodes embedding for the index")
     p.add_argument("--qps", type=float, default=100.0, help="target serving load")
+    p.add_argument("--photo-px", type=int, default=512, choices=[128, 256, 384, 512, 768],
+                   help="source photo size assumed for Recipe1M (rates from preprocess.json decode)")
     p.add_argument(
         "--price",
         action="append",

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/model.py                       # tiny + demo + paper, tiny image-model survey
     .venv/bin/python bench/model.py --only paper --batch 4 --steps 3
+    .venv/bin/python bench/model.py --only embed --threads 1   # inference cost per vector (index, serve)
     -> bench/results/model.json (merged: one entry per setting; newer runs replace older ones)
 
 Two step kinds per setting:
@@ -10,6 +11,9 @@ Two step kinds per setting:
   recipe self-supervision over the six projectors, the Cross Decoder on B positives + 2B re-indexed negatives
   with the ITM head, the modality critic and ingredient head on the embeddings, and the generator + image
   discriminator on the fused embedding (the separate discriminator updates are not included).
+``embed`` (separate, ``--only embed``): inference only (eval mode, no grad) of the image encoder and of the
+recipe encoder of the paper model, per vector: what ``tnlbt index`` pays per photo / recipe and what one
+search request pays to encode its query. Run it with ``--threads 1`` to get a per-core cost.
 Batches are synthetic but shaped like Recipe1M after collate (title <= 15 tokens, <= 20 lines x <= 15 tokens,
 about half the lines real). Timing: ``warmup`` untimed steps, then the median of ``steps`` timed ones.
 """
@@ -241,9 +245,46 @@ def survey(B: int, warmup: int, steps: int) -> list[dict[str, Any]]:
     return out
 
 
+def bench_embed(cfg: Config, vocab: int, n_ing: int, batches: list[int], warmup: int, steps: int
+                ) -> list[dict[str, Any]]:
+    """Inference vectors/s of the paper model's two encoders, fp32 and bf16, at each batch size."""
+    torch.manual_seed(0)
+    model = create_model(cfg, vocab, n_ing).eval()
+    S = model.mcfg.image_size
+    rows = []
+    for B in batches:
+        batch = recipe_batch(B, vocab, n_ing)
+        images = torch.randn(B, 3, S, S)
+        for part in ("image", "recipe"):
+            for prec in ("fp32", "bf16"):
+                times, cpu_times = [], []
+                for k in range(warmup + steps):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                                enabled=prec == "bf16"):
+                        out = model.image_features(images) if part == "image" else model.recipe_features(batch)
+                    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                    if not torch.isfinite(out["emb"].float()).all():
+                        raise RuntimeError(f"non-finite embedding ({part}, {prec})")
+                    if k >= warmup:
+                        times.append(dt)
+                        cpu_times.append(dc)
+                med, cpu_med = statistics.median(times), statistics.median(cpu_times)
+                row = {"part": part, "precision": prec, "batch": B, "image_size": S,
+                       "vectors_per_s": round(B / med, 2), "vectors_per_cpu_s": round(B / cpu_med, 2),
+                       "ms_per_vector": round(1000 * med / B, 2), "step_s_all": [round(t, 4) for t in times],
+                       "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 1)}
+                rows.append(row)
+                print(f"embed {part:6s} {prec:4s} B={B:3d}: {row['vectors_per_s']:8.2f} vectors/s "
+                      f"({row['ms_per_vector']:.1f} ms/vector wall, {row['vectors_per_cpu_s']:.2f} per CPU s)",
+                      flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="*", default=None, help="settings: tiny demo paper survey (default all)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="settings: tiny demo paper survey embed (default all but embed)")
     ap.add_argument("--batch", type=int, default=0, help="batch for every setting (default: 32, paper 4)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 5 tiny/demo, 3 paper)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -279,6 +320,7 @@ def main() -> int:
         "samples_per_cpu_s (batch / median CPU seconds per step) is the load-robust figure",
         "settings": list(entries.values()),
         "survey": prev.get("survey", []),
+        "embed": prev.get("embed", {}),
     }
 
     def write() -> None:  # after every setting, so an interrupted run keeps what it measured
@@ -303,6 +345,16 @@ def main() -> int:
         write()
     if "survey" in only:
         result["survey"] = survey(args.batch or 16, args.warmup, args.steps or 3)
+    if "embed" in (args.only or []):
+        paper = Config.load("recipe1m_vit_b16") if "recipe1m_vit_b16" in presets else Config.load(None)
+        paper = paper.replace(model=dataclasses.replace(paper.model, image_pretrained=""))
+        result["embed"] = {
+            "setting": "paper",
+            "note": "inference only (eval, inference_mode) of the paper model's encoders on this CPU; batch 1 is "
+            "one search request's query, larger batches are what `tnlbt index` feeds",
+            "machine_threads": torch.get_num_threads(),
+            "results": bench_embed(paper, 16303, 4102, [1, args.batch or 16], args.warmup, args.steps or 5),
+        }
     write()
     print(f"wrote {args.out}")
     return 0

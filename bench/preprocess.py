@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/preprocess.py            # full: 20k recipes x {1, 2} CPUs, memory at 10k vs 50k
     .venv/bin/python bench/preprocess.py --quick    # small sizes, one repeat
+    .venv/bin/python bench/preprocess.py --only decode   # per-photo cost by source photo size (capacity)
 
 Corpora come from the offline generator (``tnlbt.data.synthetic.generate_dataset``). With ``--base N`` only N
 distinct recipes are generated and the corpus is tiled to the wanted size: every layer1/layer2/det_ingrs entry
@@ -14,6 +15,11 @@ Each measurement runs in a fresh child process that starts its own local Ray wit
 under test (Ray start-up is excluded from the rates and reported apart). Peak memory is the largest summed RSS
 of the child's whole process tree (driver, raylet, GCS, workers), sampled every 0.2 s, plus the driver's own
 peak.
+
+``--only decode`` times the per-photo work of a preprocess task alone (``decode_image``: decode, convert,
+resize to ``image_short_side`` 256, JPEG re-encode) on generator photos rendered at several source sizes, in
+this process with one thread. The throughput corpus uses 128 px photos; Recipe1M's are larger, and the
+capacity table (docs/capacity.md) takes the photo rate at the source size it assumes from this part.
 """
 
 from __future__ import annotations
@@ -185,6 +191,37 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return round(statistics.median(r[key] for r in runs), 1)
 
 
+def decode_cost(sizes: list[int], n: int, repeats: int, short_side: int = 256) -> dict[str, Any]:
+    """Median CPU ms per photo of ``decode_image`` for JPEGs rendered at each source size (one core)."""
+    import io
+
+    from tnlbt.data.images import decode_image
+    from tnlbt.data.synthetic import make_recipe, render_photo
+
+    out: dict[str, Any] = {}
+    for size in sizes:
+        blobs = []
+        for i in range(n):
+            buf = io.BytesIO()
+            render_photo(make_recipe(7, i), 0, size, 1.0, 7).save(buf, "JPEG", quality=90)
+            blobs.append(buf.getvalue())
+        per_pass = []
+        for _ in range(repeats):
+            c0 = time.process_time()
+            for b in blobs:
+                res = decode_image(b, short_side=short_side, quality=90)
+                if res.data is None:
+                    raise RuntimeError(f"generator photo failed to decode: {res.reason}")
+            per_pass.append((time.process_time() - c0) / n)
+        ms = statistics.median(per_pass) * 1000
+        out[str(size)] = {"source_px": size, "mean_jpeg_kb": round(sum(map(len, blobs)) / n / 1024, 1),
+                          "cpu_ms_per_photo": round(ms, 3), "photos_per_cpu_s": round(1000 / ms, 1),
+                          "passes_ms": [round(x * 1000, 3) for x in per_pass]}
+        print(f"decode {size:4d} px source -> short side {short_side}: {ms:.2f} CPU ms/photo", flush=True)
+    return {"short_side": short_side, "photos": n, "repeats": repeats, "by_source_px": out,
+            "note": "decode + RGB convert + resize + JPEG q90 re-encode, one core, CPU time (load-robust)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat")
@@ -204,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "preprocess.json"))
     p.add_argument(
         "--only",
-        choices=["throughput", "memory"],
+        choices=["throughput", "memory", "decode"],
         default=None,
         help="run one part and update that part of an existing --out JSON",
     )
@@ -217,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     load_start = list(os.getloadavg())
+    if args.only == "decode":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        result = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+        result["decode"] = decode_cost([128, 256, 384, 512, 768], 40 if quick else 200, args.repeats or 3)
+        result["decode"]["machine"] = _machine(load_start)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     n_tp = args.recipes or (2000 if quick else 20000)
     mem_sizes = args.mem_sizes or ([1000, 5000] if quick else [10000, 50000])
     repeats = args.repeats or (1 if quick else 3)

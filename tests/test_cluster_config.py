@@ -16,6 +16,7 @@ Dockerfile, Qdrant compose. Nothing here talks to a cloud or a Kubernetes API.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import shlex
 from json import dumps as json_dumps
@@ -635,3 +636,40 @@ def test_capacity_reads_the_preprocess_benchmark_layout(tmp_path, capsys):
     want = cap.WORKLOAD["recipes"] / (100.0 * 20) / 3600 + cap.WORKLOAD["photos"] / (200.0 * 20) / 3600
     assert row["hours"] == pytest.approx(want)
     assert any("0.75 of linear" in a for a in row["arithmetic"])
+
+
+def test_capacity_stage_model_photo_size_and_cpu_rows(tmp_path, capsys):
+    """Amdahl preprocess (serial read + parallel stages, photo-size correction) and the CPU index/serve rows,
+    against the same arithmetic written out by hand."""
+    cap = _capacity()
+    run = {"recipes": 1000, "photos_ok": 2000,
+           "timings": {"read_s": 0.5, "vocab_s": 2.0, "process_cpu_s": 4.0}}
+    (tmp_path / "preprocess.json").write_text(json_dumps({
+        "throughput": {"1": {"recipes_per_s": 100.0, "images_per_s": 200.0, "runs": [run]}},
+        "decode": {"by_source_px": {"128": {"cpu_ms_per_photo": 1.0}, "512": {"cpu_ms_per_photo": 3.0}}}}))
+    embed = [{"part": p, "precision": pr, "batch": b, "torch_threads": 1, "vectors_per_cpu_s": v,
+              "ms_per_vector": ms}
+             for p, pr, b, v, ms in [("image", "fp32", 16, 2.0, 500.0), ("image", "bf16", 16, 8.0, 150.0),
+                                     ("image", "bf16", 1, 7.0, 140.0), ("recipe", "fp32", 16, 30.0, 40.0),
+                                     ("recipe", "fp32", 1, 25.0, 40.0)]]
+    (tmp_path / "model.json").write_text(json_dumps({"embed": {"results": embed}}))
+    (tmp_path / "index.json").write_text(json_dumps({"results": [{"store": "edge", "n": 1000, "build_s": 10.0}]}))
+    (tmp_path / "serve.json").write_text(json_dumps({"machine": {"cpus": 2}, "results": [
+        {"endpoint": "t", "concurrency": 8, "rps": 100.0, "errors": 0},
+        {"endpoint": "t", "concurrency": 32, "rps": 400.0, "errors": 3}]}))  # errors: not a valid rate
+    args = ["--results", str(tmp_path), "--json", "--cpu-nodes", "2", "--cores-per-node", "10", "--qps", "300"]
+    assert cap.main(args) == 0
+    rows = {r["stage"]: r for r in json_loads(capsys.readouterr().out)}
+    wl, cores = cap.WORKLOAD, 20
+    per_photo = 4.0 / 2000 + (3.0 - 1.0) / 1000  # task CPU s per photo + the 512 px extra decode
+    want = (wl["recipes"] * 0.5 / 1000 + wl["recipes"] * 2.0 / 1000 / cores + wl["photos"] * per_photo / cores) / 3600
+    assert rows["preprocess"]["hours"] == pytest.approx(want)
+    assert rows["preprocess"]["cost_usd"] == pytest.approx(want * 2 * cap.PRICES["m6i.8xlarge"])
+    embed_h = (wl["photos"] / (8.0 * cores) + wl["recipes"] / (30.0 * cores)) / 3600  # faster precision at batch 16
+    load_h = wl["index_vectors"] / (1000 / 10.0) / 3600
+    assert rows["index"]["status"] == "CPU"
+    assert rows["index"]["hours"] == pytest.approx(embed_h + load_h)
+    # a photo query (the slower encoder, its faster precision at batch 1: 140 ms) + 2 cores / 100 req/s overhead
+    per_node = 32 / (140.0 / 1000 + 2 / 100.0)
+    assert rows["serve"]["status"] == "CPU"
+    assert rows["serve"]["cost_usd"] == pytest.approx(math.ceil(300 / per_node) * cap.PRICES["m6i.8xlarge"] * 720)
