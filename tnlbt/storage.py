@@ -49,6 +49,7 @@ __all__ = [
     "object_store_on_disk",
     "open_input",
     "open_output",
+    "ray_runtime_env",
     "ray_storage",
     "read_bytes",
     "read_text",
@@ -385,6 +386,18 @@ def ray_storage(uri: str | os.PathLike[str]) -> tuple[str, pafs.FileSystem | Non
         return ("gs://" + s.split("://", 1)[1]) if sc == "gcs" else s.rstrip("/"), None
     fs, path = resolve(s)
     return path, fs
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """``runtime_env`` entries that carry ``TNLBT_STORAGE_ROUTES`` into Ray tasks, actors and train workers.
+
+    Ray workers inherit the environment of the process that started Ray, which may predate the variable (a Ray
+    started earlier in the same process, or a long-lived local cluster), so callers pass this explicitly.
+    Empty when the variable is unset: on a real cluster each node resolves ``s3://``/``gs://`` itself with its
+    own credentials.
+    """
+    routes = os.environ.get(_ROUTES_ENV)
+    return {"env_vars": {_ROUTES_ENV: routes}} if routes else {}
 
 
 def describe(uri: str | os.PathLike[str]) -> dict[str, Any]:

@@ -4,10 +4,16 @@ Used by the non-Ray training loop, evaluation and tests. Only the ``has_image`` 
 build the index and apply ``paired_only`` / ``recipe_only``); rows are read one Parquet row group at a time
 and the last few groups are cached, so sequential and locally shuffled access stay cheap and memory stays
 bounded.
+
+``split_dir`` may be a URI (``s3://bucket/processed/train``): files are listed and opened through
+:mod:`tnlbt.storage` (``pyarrow.parquet`` with ``filesystem=``). The filesystem is resolved again in each
+process rather than stored on the dataset, so DataLoader workers pickle only strings (and pick up their own
+credentials / ``TNLBT_STORAGE_ROUTES``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +24,23 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
 
-def split_files(split_dir: str | Path) -> list[Path]:
-    """The split's Parquet files in a stable order."""
-    return sorted(Path(split_dir).glob("part-*.parquet"))
+def split_files(split_dir: str | Path) -> list[Path] | list[str]:
+    """The split's Parquet files in a stable order: Paths for a local folder, URIs for a remote one."""
+    from tnlbt import storage
+
+    if not storage.is_remote(split_dir):
+        return sorted(Path(storage.local_path(split_dir) or split_dir).glob("part-*.parquet"))
+    # Names only: object stores have no hidden temp files, but skip anything that is not a part file.
+    return [storage.join(split_dir, n) for n in storage.listdir(split_dir) if fnmatch.fnmatchcase(n, "part-*.parquet")]
+
+
+def _open_parquet(path: str | Path) -> pq.ParquetFile:
+    from tnlbt import storage
+
+    if isinstance(path, Path) or not storage.is_remote(path):
+        return pq.ParquetFile(path)
+    fs, inner = storage.resolve(path)
+    return pq.ParquetFile(inner, filesystem=fs)
 
 
 class RecipeDataset(Dataset):
@@ -37,7 +57,9 @@ class RecipeDataset(Dataset):
     ):
         if paired_only and recipe_only:
             raise ValueError("RecipeDataset: paired_only and recipe_only exclude each other")
-        self.split_dir = Path(split_dir)
+        from tnlbt import storage
+
+        self.split_dir: Path | str = split_dir if storage.is_remote(split_dir) else Path(split_dir)
         self.files = split_files(self.split_dir)
         if not self.files:
             raise FileNotFoundError(
@@ -47,7 +69,7 @@ class RecipeDataset(Dataset):
         self._cache: OrderedDict[tuple[int, int], list[dict[str, Any]]] = OrderedDict()
         index = []  # (file, row group, row) for every kept row
         for fi, path in enumerate(self.files):
-            pf = pq.ParquetFile(path)
+            pf = _open_parquet(path)
             for gi in range(pf.metadata.num_row_groups):
                 flags = pf.read_row_group(gi, columns=["has_image"]).column(0).to_numpy(zero_copy_only=False)
                 keep = np.ones(len(flags), bool)
@@ -66,7 +88,7 @@ class RecipeDataset(Dataset):
         key = (fi, gi)
         rows = self._cache.get(key)
         if rows is None:
-            table = pq.ParquetFile(self.files[fi]).read_row_group(gi, columns=self.columns)
+            table = _open_parquet(self.files[fi]).read_row_group(gi, columns=self.columns)
             rows = table.to_pylist()
             self._cache[key] = rows
             while len(self._cache) > self._cache_size:

@@ -21,9 +21,13 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 PHOTO_REASONS = (
     "missing_file", "empty_file", "unreadable_file", "corrupt", "truncated", "too_large", "too_small",
@@ -125,25 +129,65 @@ def decode_image(
     return ImageResult(out.getvalue(), None, fmt, mode)
 
 
+def read_image_bytes(path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> bytes | ImageResult:
+    """The bytes of one photo, or an :class:`ImageResult` naming why there are none.
+
+    ``filesystem`` given: ``path`` is a path inside it (``bucket/images/train/a/b/c/d/abcd.jpg``), so a task
+    that reads thousands of photos resolves the image root once. Otherwise ``path`` is a local path or a URI
+    resolved through :mod:`tnlbt.storage`. Any I/O error (a missing object, a lost connection, a permission
+    error) becomes a named reason: one bad photo is a counted skip, never the end of a preprocessing task.
+    """
+    if filesystem is None:
+        s = os.fspath(path)
+        from tnlbt import storage
+
+        if not storage.is_remote(s):
+            p = Path(storage.local_path(s) or s)
+            try:
+                if not p.is_file():
+                    return ImageResult(None, "missing_file")
+                if p.stat().st_size == 0:
+                    return ImageResult(None, "empty_file")
+                return p.read_bytes()
+            except OSError as e:
+                return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+        filesystem, path = storage.resolve(s)
+    import pyarrow.fs as pafs
+
+    inner = os.fspath(path)
+    try:
+        info = filesystem.get_file_info(inner)
+        if info.type != pafs.FileType.File:  # a "directory" (key prefix) is not a photo either
+            return ImageResult(None, "missing_file")
+        if info.size == 0:
+            return ImageResult(None, "empty_file")
+        # compression=None: never decompress on the fly because of a name like "x.gz"
+        with filesystem.open_input_stream(inner, compression=None) as f:
+            return f.read()
+    except FileNotFoundError:  # deleted between the two calls
+        return ImageResult(None, "missing_file")
+    except OSError as e:  # pyarrow raises OSError (or subclasses) for every I/O failure
+        return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+
+
 def load_image_file(
     path: str | os.PathLike[str],
     *,
+    filesystem: pafs.FileSystem | None = None,
     short_side: int = 256,
     quality: int = 90,
     max_pixels: int = 64_000_000,
     min_side: int = 16,
     max_aspect: float = 10.0,
 ) -> ImageResult:
-    """Read and decode one photo file; a missing/empty/unreadable file is a reason, not an exception."""
-    p = Path(path)
-    try:
-        if not p.is_file():
-            return ImageResult(None, "missing_file")
-        if p.stat().st_size == 0:
-            return ImageResult(None, "empty_file")
-        data = p.read_bytes()
-    except OSError as e:
-        return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+    """Read and decode one photo; a missing/empty/unreadable file is a reason, not an exception.
+
+    ``path`` is a local path, a URI (``s3://bucket/images/...``), or, with ``filesystem``, a path inside that
+    pyarrow filesystem (see :func:`read_image_bytes`).
+    """
+    data = read_image_bytes(path, filesystem)
+    if isinstance(data, ImageResult):
+        return data
     return decode_image(data, short_side=short_side, quality=quality, max_pixels=max_pixels,
                         min_side=min_side, max_aspect=max_aspect)
 

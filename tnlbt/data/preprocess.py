@@ -29,6 +29,24 @@ Decisions (also in stats.json):
   DataConfig, pipeline version); the same fingerprint skips all work, a different one asks for
   ``--overwrite``. The photo files themselves are not fingerprinted (887k files): use ``--overwrite`` after
   changing images in place.
+
+Remote storage: ``--data``, ``--images`` and ``--out`` may each be a local folder or a URI (``s3://bucket/x``,
+``gs://...``; anything :mod:`tnlbt.storage` resolves), in any mix. Everything is read and written through
+:mod:`tnlbt.storage`, with what object stores lack (empty directories, appends, renames) designed out:
+* ``OUT/_work`` (JSONL shards and per-shard done markers) lives under ``OUT`` wherever ``OUT`` is, so Ray tasks
+  on any node of a cluster without a shared filesystem read the same shards, and an interrupted run resumes
+  from the markers even when started from another machine. Each shard is written through one output stream
+  (one object, visible when complete); markers are single small objects. The cost is one extra copy of
+  layer1's text on the store during the run (removed at the end).
+* A Parquet part is written to a local temp file and then uploaded as one object (a multipart upload that
+  completes only after the last byte; the size is checked and a failed upload is deleted), so a crash never
+  leaves a truncated ``part-*.parquet`` visible. Local output keeps tmp file + ``os.replace`` in place.
+* Photos under a remote image root are read with the root's filesystem resolved once per task (no per-photo
+  resolution); every I/O failure of a photo is a counted reason (``missing_file``, ``unreadable_file``).
+* The fingerprint takes size and mtime of the layer files from ``FileSystem.get_file_info`` when remote
+  (``os.stat`` locally, as before).
+* Ray tasks get string URIs and resolve filesystems themselves; ``TNLBT_STORAGE_ROUTES`` (tests, laptops) is
+  passed to them in their ``runtime_env`` because a Ray started earlier would not have it.
 """
 
 from __future__ import annotations
@@ -36,12 +54,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import sys
+import tempfile
 import time
 from array import array
 from collections import Counter
@@ -49,6 +70,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from tnlbt import storage
 from tnlbt.config import DataConfig
 from tnlbt.data.images import load_image_file
 from tnlbt.data.recipe1m import (
@@ -57,6 +81,7 @@ from tnlbt.data.recipe1m import (
     clean_layer1,
     clean_layer2,
     image_path,
+    image_relpath,
     iter_json_array,
     valid_image_id,
 )
@@ -67,6 +92,94 @@ log = logging.getLogger(__name__)
 PIPELINE_VERSION = 1
 MAX_EXAMPLES = 5
 _OUTPUT_NAMES = ("vocab.json", "ingredients.json", "stats.json", "config.json", "_SUCCESS", "_work")
+
+
+# -- locations (local paths or URIs, through tnlbt.storage) ---------------------------------------------
+def _loc(path: str | os.PathLike[str]) -> str:
+    """One string per location: a plain local path as ``str(Path(p))`` (as before), ``file://`` as an absolute
+    path, a remote URI as given without a trailing ``/``."""
+    s = os.fspath(path)
+    if storage.scheme(s) == "":
+        return str(Path(s))
+    lp = storage.local_path(s)
+    return lp if lp is not None else s.rstrip("/")
+
+
+def _name(uri: str | os.PathLike[str]) -> str:
+    """The last component of a path or URI (``Path.name`` for both)."""
+    return os.fspath(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _stem(uri: str | os.PathLike[str]) -> str:
+    name = _name(uri)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _is_file(uri: str | os.PathLike[str]) -> bool:
+    fs, path = storage.resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _list_files(folder: str | os.PathLike[str], *patterns: str) -> list[str]:
+    """Sorted names of the files (not folders) directly under ``folder`` that match one of ``patterns``."""
+    fs, path = storage.resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    names = (posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.File)
+    return sorted(n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns))
+
+
+def _write_marker(uri: str, text: str) -> None:
+    """Write a small file so that it is never seen half-written.
+
+    Local: tmp file + ``os.replace`` (as before). Remote: one object written from memory in one stream; object
+    stores publish it only when the stream completes (no rename exists there, none is needed).
+    """
+    lp = storage.local_path(uri)
+    if lp is None:
+        storage.write_text(uri, text)
+        return
+    tmp = Path(lp).with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, lp)
+
+
+def _upload_file(local_file: str | os.PathLike[str], uri: str) -> None:
+    """Copy a finished local file to ``uri`` as one object; never leave a partial object behind.
+
+    pyarrow's S3/GCS output streams complete the upload when closed, also when closed by an exception, so a
+    failure deletes the object again; the size is checked afterwards for the same reason.
+    """
+    size = os.path.getsize(local_file)
+    try:
+        with open(local_file, "rb") as src, storage.open_output(uri) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        fs, path = storage.resolve(uri)
+        got = fs.get_file_info(path).size
+        if got != size:
+            raise OSError(f"{uri}: uploaded {got} bytes, expected {size}")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            storage.remove(uri)
+        raise
+
+
+def _task_remote_args() -> dict[str, Any]:
+    """Ray remote args carrying ``TNLBT_STORAGE_ROUTES`` into the tasks (see ``storage.ray_runtime_env``)."""
+    env = storage.ray_runtime_env()
+    return {"runtime_env": env} if env else {}
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines of a JSONL text with their ``\\n``, split on ``\\n`` only.
+
+    ``str.splitlines`` would also cut at U+0085, U+2028 and U+2029, which ``json.dumps(ensure_ascii=False)``
+    leaves raw inside strings (scraped recipe text does contain them) and would break a record in two.
+    """
+    parts = text.split("\n")
+    out = [line + "\n" for line in parts[:-1]]
+    if parts[-1]:
+        out.append(parts[-1])
+    return out
 
 
 # -- text -----------------------------------------------------------------------------------------------
@@ -117,31 +230,56 @@ class Tally:
 
 # -- stage 1: stream the raw files into JSONL shards --------------------------------------------------
 class _ShardWriter:
-    """JSON Lines shards ``{split}-{kind}-{k:05d}.jsonl`` of at most ``rows`` records each."""
+    """JSON Lines shards ``{split}-{kind}-{k:05d}.jsonl`` of at most ``rows`` records each.
 
-    def __init__(self, folder: Path, rows: int):
-        self.folder, self.rows = folder, rows
-        self.open: dict[tuple[str, str], tuple[Any, int, Path]] = {}
+    ``folder`` is a local path or a URI. Each shard is written through one output stream of
+    :mod:`tnlbt.storage` and closed when full: no appends and no renames, so on an object store every shard is
+    one object that appears complete. Lines are buffered and written in pieces of about 1 MiB.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, folder: str | os.PathLike[str], rows: int):
+        self.folder, self.rows = os.fspath(folder), rows
+        # (split, kind) -> [stream, rows written, pending lines, pending bytes]
+        self.open: dict[tuple[str, str], list[Any]] = {}
         self.next_index: Counter[tuple[str, str]] = Counter()
-        self.paths: list[Path] = []
+        self.paths: list[str] = []
+
+    @staticmethod
+    def _drain(entry: list[Any]) -> None:
+        if entry[2]:
+            entry[0].write(b"".join(entry[2]))
+            entry[2].clear()
+            entry[3] = 0
 
     def write(self, split: str, kind: str, record: dict[str, Any]) -> None:
         key = (split, kind)
-        fh, n, path = self.open.get(key, (None, 0, None))
-        if fh is None or n >= self.rows:
-            if fh is not None:
-                fh.close()
-            path = self.folder / f"{split}-{kind}-{self.next_index[key]:05d}.jsonl"
+        entry = self.open.get(key)
+        if entry is None or entry[1] >= self.rows:
+            if entry is not None:
+                self._drain(entry)
+                entry[0].close()
+            path = storage.join(self.folder, f"{split}-{kind}-{self.next_index[key]:05d}.jsonl")
             self.next_index[key] += 1
-            fh, n = path.open("w", encoding="utf-8"), 0
+            entry = [storage.open_output(path), 0, [], 0]
+            self.open[key] = entry
             self.paths.append(path)
-        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.open[key] = (fh, n + 1, path)
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        entry[1] += 1
+        entry[2].append(line)
+        entry[3] += len(line)
+        if entry[3] >= self._CHUNK:
+            self._drain(entry)
 
     def close(self) -> None:
-        for fh, _, _ in self.open.values():
-            fh.close()
-        self.open.clear()
+        try:
+            for entry in self.open.values():
+                self._drain(entry)
+        finally:
+            for entry in self.open.values():
+                entry[0].close()
+            self.open.clear()
 
 
 def _example_id(obj: Any, index: int) -> str:
@@ -149,14 +287,18 @@ def _example_id(obj: Any, index: int) -> str:
     return rid if isinstance(rid, str) and rid.strip() and rid.isprintable() else f"#{index}"
 
 
-def read_raw(data_dir: Path, shard_dir: Path, cfg: DataConfig) -> dict[str, Any]:
-    """Stage 1 (driver): stream layer2, det_ingrs and layer1 into shards; return counters and label counts."""
+def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str], cfg: DataConfig) -> dict[str, Any]:
+    """Stage 1 (driver): stream layer2, det_ingrs and layer1 into shards; return counters and label counts.
+
+    ``data_dir`` and ``shard_dir`` are local paths or URIs; ``shards`` in the result are strings of the same kind.
+    """
     parse_errors: list[str] = []
-    layer1 = data_dir / "layer1.json"
-    layer2_path = data_dir / "layer2.json"
-    det_path = data_dir / "det_ingrs.json"
+    data = _loc(data_dir)
+    layer1 = storage.join(data, "layer1.json")
+    layer2_path = storage.join(data, "layer2.json")
+    det_path = storage.join(data, "det_ingrs.json")
     for p in (layer1, layer2_path):
-        if not p.is_file():
+        if not _is_file(p):
             raise FileNotFoundError(f"{p} not found: --data must be a Recipe1M-layout folder "
                                     "(layer1.json, layer2.json, det_ingrs.json, images/)")
 
@@ -176,7 +318,7 @@ def read_raw(data_dir: Path, shard_dir: Path, cfg: DataConfig) -> dict[str, Any]
     name_list: list[str] = []
     det: dict[str, bytes] = {}
     dc = Counter()
-    if det_path.is_file():
+    if _is_file(det_path):
         for obj in iter_json_array(det_path, parse_errors):
             dc["entries"] += 1
             rid, det_names = clean_det_ingrs(obj)
@@ -239,7 +381,7 @@ def read_raw(data_dir: Path, shard_dir: Path, cfg: DataConfig) -> dict[str, Any]
         writer.close()
     l2["orphans"] = len(layer2) - matched_l2
     return {
-        "shards": [str(p) for p in writer.paths],
+        "shards": list(writer.paths),
         "records_input": n_input,
         "rejected": records.to_dict(),
         "dropped": dropped.to_dict(),
@@ -252,41 +394,46 @@ def read_raw(data_dir: Path, shard_dir: Path, cfg: DataConfig) -> dict[str, Any]
     }
 
 
-def rebalance_shards(shards: list[str], folder: Path, min_shards: int, min_rows: int = 32) -> list[str]:
+def rebalance_shards(
+    shards: list[str], folder: str | os.PathLike[str], min_shards: int, min_rows: int = 32
+) -> list[str]:
     """Split a small corpus into more, smaller shards so every CPU gets work (files stay <= rows_per_file).
 
-    Only when there are fewer than ``min_shards`` shards, i.e. a corpus small enough to rewrite cheaply.
+    Only when there are fewer than ``min_shards`` shards, i.e. a corpus small enough to rewrite cheaply. Shards
+    are read, deleted and written whole (one object each on an object store).
     """
     if len(shards) >= min_shards:
         return shards
     groups: dict[str, list[str]] = {}
     for s in shards:
-        split, kind, _ = Path(s).stem.split("-")
+        split, kind, _ = _stem(s).split("-")
         groups.setdefault(f"{split}-{kind}", []).append(s)
-    texts = {key: [Path(p).read_text(encoding="utf-8") for p in paths] for key, paths in groups.items()}
+    texts = {key: [storage.read_text(p) for p in paths] for key, paths in groups.items()}
     total = sum(t.count("\n") for ts in texts.values() for t in ts)
     size = max(min_rows, -(-total // min_shards))
     out: list[str] = []
+    folder = os.fspath(folder)
     for key, paths in groups.items():
-        lines = [line for t in texts[key] for line in t.splitlines(keepends=True)]
+        lines = [line for t in texts[key] for line in _split_lines(t)]
         for p in paths:
-            Path(p).unlink()
+            storage.remove(p)
         for k in range(0, len(lines), size):
-            path = folder / f"{key}-{k // size:05d}.jsonl"
-            path.write_text("".join(lines[k : k + size]), encoding="utf-8")
-            out.append(str(path))
+            path = storage.join(folder, f"{key}-{k // size:05d}.jsonl")
+            storage.write_text(path, "".join(lines[k : k + size]))
+            out.append(path)
     return out
 
 
-def _iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+def _iter_shard(path: str | os.PathLike[str], data: bytes | None = None) -> Iterator[dict[str, Any]]:
+    """Records of one JSONL shard (a local path or URI; ``data``: its bytes, already read)."""
+    text = (storage.read_bytes(path) if data is None else data).decode("utf-8")
+    for line in text.split("\n"):  # not splitlines(): see _split_lines
+        if line.strip():
+            yield json.loads(line)
 
 
 # -- stage 2: vocabulary --------------------------------------------------------------------------------
-def count_shard_words(path: str | Path) -> Counter[str]:
+def count_shard_words(path: str | os.PathLike[str]) -> Counter[str]:
     """Word counts of title + ingredient + instruction lines of every record in one shard."""
     counter: Counter[str] = Counter()
     for rec in _iter_shard(path):
@@ -307,15 +454,44 @@ def process_shard(
     ingredients: IngredientVocab,
     cfg: DataConfig,
     images_dir: str | Path,
+    shard_bytes: bytes | None = None,
 ) -> dict[str, Any]:
-    """Tokenise and decode one JSONL shard into one Parquet file; return its counters (no Ray needed)."""
+    """Tokenise and decode one JSONL shard into one Parquet file; return its counters (no Ray needed).
+
+    ``shard``, ``out_path`` and ``images_dir`` are local paths or URIs (``shard_bytes``: the shard's content when
+    the caller has read it already). The Parquet file appears complete or not at all: locally a hidden tmp file
+    renamed into place; remotely a local temp file uploaded as one object.
+    """
     import pyarrow.parquet as pq
 
     from tnlbt.data.schema import RECIPE_SCHEMA, rows_to_table
 
     t0, c0 = time.perf_counter(), time.process_time()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    out_uri = os.fspath(out_path)
+    out_local = storage.local_path(out_uri)
+    final = Path(out_local) if out_local is not None else None
+    tmp: Path | None = final.with_name(f".{final.name}.tmp") if final is not None else None
+    photo_kw = {
+        "short_side": cfg.image_short_side,
+        "quality": cfg.image_jpeg_quality,
+        "max_pixels": cfg.max_image_pixels,
+        "min_side": cfg.min_image_side,
+        "max_aspect": cfg.max_image_aspect,
+    }
+    if storage.is_remote(images_dir):
+        # Resolve the image root once per shard and read each photo by its inner path: resolving a URI per
+        # photo would repeat the filesystem lookup thousands of times.
+        img_fs, img_root = storage.resolve(images_dir)
+
+        def load_photo(split: str, image_id: str) -> Any:
+            return load_image_file(
+                posixpath.join(img_root, image_relpath(split, image_id)), filesystem=img_fs, **photo_kw
+            )
+    else:
+
+        def load_photo(split: str, image_id: str) -> Any:
+            return load_image_file(image_path(images_dir, split, image_id), **photo_kw)
+
     photos, dropped = Tally(), Tally()
     formats: Counter[str] = Counter()
     modes: Counter[str] = Counter()
@@ -325,68 +501,76 @@ def process_shard(
     buffer: list[dict[str, Any]] = []
 
     def flush() -> None:
-        nonlocal writer
+        nonlocal writer, tmp
         if not buffer:
             return
         if writer is None:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
+            if final is not None:
+                final.parent.mkdir(parents=True, exist_ok=True)
+            else:
+                fd, name = tempfile.mkstemp(prefix=".part-", suffix=".parquet.tmp")
+                os.close(fd)
+                tmp = Path(name)
             writer = pq.ParquetWriter(tmp, RECIPE_SCHEMA, compression="zstd")
         writer.write_table(rows_to_table(buffer), row_group_size=cfg.row_group_rows)
         buffer.clear()
 
     try:
-        for rec in _iter_shard(shard):
-            split, rid = rec["partition"], rec["id"]
-            kept_ids: list[str] = []
-            kept_bytes: list[bytes] = []
-            seen_ids: set[str] = set()
-            for image_id in rec["image_ids"]:
-                listed += 1
-                if len(kept_ids) >= cfg.max_images_per_recipe:
-                    unused += 1
+        try:
+            for rec in _iter_shard(shard, shard_bytes):
+                split, rid = rec["partition"], rec["id"]
+                kept_ids: list[str] = []
+                kept_bytes: list[bytes] = []
+                seen_ids: set[str] = set()
+                for image_id in rec["image_ids"]:
+                    listed += 1
+                    if len(kept_ids) >= cfg.max_images_per_recipe:
+                        unused += 1
+                        continue
+                    if not image_id:
+                        photos.add("bad_image_id", rid)
+                        continue
+                    if image_id in seen_ids:
+                        photos.add("duplicate_image", image_id)
+                        continue
+                    seen_ids.add(image_id)
+                    res = load_photo(split, image_id)
+                    if res.data is None:
+                        photos.add(res.reason or "corrupt", image_id)
+                        continue
+                    ok += 1
+                    formats[res.fmt or "?"] += 1
+                    modes[res.mode or "?"] += 1
+                    kept_ids.append(image_id)
+                    kept_bytes.append(res.data)
+                if not kept_ids and split != "train":
+                    dropped.add("no_valid_image", rid)
                     continue
-                if not image_id:
-                    photos.add("bad_image_id", rid)
-                    continue
-                if image_id in seen_ids:
-                    photos.add("duplicate_image", image_id)
-                    continue
-                seen_ids.add(image_id)
-                res = load_image_file(
-                    image_path(images_dir, split, image_id), short_side=cfg.image_short_side,
-                    quality=cfg.image_jpeg_quality, max_pixels=cfg.max_image_pixels,
-                    min_side=cfg.min_image_side, max_aspect=cfg.max_image_aspect,
-                )
-                if res.data is None:
-                    photos.add(res.reason or "corrupt", image_id)
-                    continue
-                ok += 1
-                formats[res.fmt or "?"] += 1
-                modes[res.mode or "?"] += 1
-                kept_ids.append(image_id)
-                kept_bytes.append(res.data)
-            if not kept_ids and split != "train":
-                dropped.add("no_valid_image", rid)
-                continue
-            row = {"id": rid, "partition": split, "has_image": bool(kept_ids), "image_ids": kept_ids,
-                   "images": kept_bytes, "title": rec["title"], "ingredients": rec["ingredients"],
-                   "instructions": rec["instructions"],
-                   "ingredient_labels": ingredients.encode(rec["labels"])}
-            row.update(encode_recipe_text(vocab, cfg, rec["title"], rec["ingredients"], rec["instructions"]))
-            buffer.append(row)
-            rows_out["paired" if kept_ids else "recipe_only"] += 1
-            if len(buffer) >= cfg.row_group_rows:
-                flush()
-        flush()
-    finally:
+                row = {"id": rid, "partition": split, "has_image": bool(kept_ids), "image_ids": kept_ids,
+                       "images": kept_bytes, "title": rec["title"], "ingredients": rec["ingredients"],
+                       "instructions": rec["instructions"],
+                       "ingredient_labels": ingredients.encode(rec["labels"])}
+                row.update(encode_recipe_text(vocab, cfg, rec["title"], rec["ingredients"], rec["instructions"]))
+                buffer.append(row)
+                rows_out["paired" if kept_ids else "recipe_only"] += 1
+                if len(buffer) >= cfg.row_group_rows:
+                    flush()
+            flush()
+        finally:
+            if writer is not None:
+                writer.close()
         if writer is not None:
-            writer.close()
-    if writer is not None:
-        os.replace(tmp, out_path)  # atomic: a file named part-* is always complete
+            if final is not None:
+                os.replace(tmp, final)  # atomic: a file named part-* is always complete
+            else:
+                _upload_file(tmp, out_uri)  # one object, visible only complete
+    finally:
+        if final is None and tmp is not None:
+            tmp.unlink(missing_ok=True)  # remote output: the local temp copy, uploaded or not
     return {
-        "shard": Path(shard).name,
-        "split": Path(shard).name.split("-")[0],
-        "file": out_path.name if writer is not None else None,
+        "shard": _name(shard),
+        "split": _name(shard).split("-")[0],
+        "file": _name(out_uri) if writer is not None else None,
         "rows": dict(rows_out),
         "dropped": dropped.to_dict(),
         "photos": {"listed": listed, "ok": ok, "unused_over_limit": unused, "rejected": photos.to_dict(),
@@ -396,9 +580,9 @@ def process_shard(
     }
 
 
-def _out_file(out_dir: Path, shard: str | Path) -> Path:
-    split, kind, idx = Path(shard).stem.split("-")
-    return out_dir / split / f"part-{kind}{idx}.parquet"
+def _out_file(out_dir: str | os.PathLike[str], shard: str | os.PathLike[str]) -> str:
+    split, kind, idx = _stem(shard).split("-")
+    return storage.join(out_dir, split, f"part-{kind}{idx}.parquet")
 
 
 def _process_batch(
@@ -408,37 +592,58 @@ def _process_batch(
     cfg = DataConfig(**cfg_dict)
     results = []
     for shard in batch["path"]:
+        data = storage.read_bytes(shard)  # read once: for the digest and for the records
         # The marker names the shard's content: a resumed run that cut shards differently redoes them.
-        digest = hashlib.sha1(Path(shard).read_bytes()).hexdigest()[:16]
-        done = Path(done_dir) / f"{Path(shard).stem}-{digest}.json"
-        if done.is_file():  # finished by an earlier, interrupted run with the same fingerprint
-            results.append(done.read_text())
+        digest = hashlib.sha1(data).hexdigest()[:16]
+        done = storage.join(done_dir, f"{_stem(shard)}-{digest}.json")
+        if _is_file(done):  # finished by an earlier, interrupted run with the same fingerprint
+            results.append(storage.read_text(done))
             continue
-        res = process_shard(shard, _out_file(Path(out_dir), shard), vocab=vocab, ingredients=ingredients,
-                            cfg=cfg, images_dir=images_dir)
+        res = process_shard(shard, _out_file(out_dir, shard), vocab=vocab, ingredients=ingredients,
+                            cfg=cfg, images_dir=images_dir, shard_bytes=data)
         text = json.dumps(res)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, done)
+        _write_marker(done, text)
         results.append(text)
     return {"result": results}
 
 
 # -- driver -----------------------------------------------------------------------------------------------
-def fingerprint(data_dir: Path, images_dir: Path, cfg: DataConfig) -> str:
-    parts: dict[str, Any] = {"version": PIPELINE_VERSION, "images_dir": str(images_dir.resolve()),
-                             "cfg": dataclasses.asdict(cfg)}
+def fingerprint(data_dir: str | os.PathLike[str], images_dir: str | os.PathLike[str], cfg: DataConfig) -> str:
+    """Inputs and settings that decide the output: layer files' size + mtime, image root, DataConfig, version.
+
+    Local files as before (``os.stat``, the resolved image root), so existing outputs keep their fingerprint;
+    remote ones from ``FileSystem.get_file_info`` (object size and last-modified time) and the URI itself.
+    """
+    img = _loc(images_dir)
+    img_key = img if storage.is_remote(img) else str(Path(img).resolve())
+    parts: dict[str, Any] = {"version": PIPELINE_VERSION, "images_dir": img_key, "cfg": dataclasses.asdict(cfg)}
+    data = _loc(data_dir)
+    remote = storage.is_remote(data)
+    fs, base = storage.resolve(data) if remote else (None, "")
     for name in ("layer1.json", "layer2.json", "det_ingrs.json"):
-        p = data_dir / name
-        st = p.stat() if p.is_file() else None
-        parts[name] = [st.st_size, st.st_mtime_ns] if st else None
+        if remote:
+            info = fs.get_file_info(posixpath.join(base, name))
+            parts[name] = [info.size, info.mtime_ns] if info.type == pafs.FileType.File else None
+        else:
+            p = Path(data) / name
+            st = p.stat() if p.is_file() else None
+            parts[name] = [st.st_size, st.st_mtime_ns] if st else None
     for key in ("preprocess_cpus", "raw_dir", "processed_dir", "image_root"):
         parts["cfg"].pop(key, None)  # parallelism and paths given elsewhere do not change the output
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _clean_outputs(out_dir: Path) -> None:
+def _clean_outputs(out_dir: str | os.PathLike[str]) -> None:
     """Remove only what this command writes (never other files a user keeps in OUT)."""
+    if storage.is_remote(out_dir):
+        for split in PARTITIONS:  # no folders to remove: a prefix goes away with its last object
+            d = storage.join(out_dir, split)
+            for name in _list_files(d, "part-*.parquet", ".part-*.tmp"):
+                storage.remove(storage.join(d, name))
+        for name in _OUTPUT_NAMES:
+            storage.remove(storage.join(out_dir, name))  # a file, or every object under _work/
+        return
+    out_dir = Path(_loc(out_dir))
     for split in PARTITIONS:
         d = out_dir / split
         if d.is_dir():
@@ -485,36 +690,39 @@ def preprocess(
 ) -> dict[str, Any]:
     """Run the three stages (module docstring) and return the stats written to ``OUT/stats.json``."""
     t_start = time.perf_counter()
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    img_root = Path(images_dir or cfg.image_root or data_dir / "images")
-    if not (data_dir / "layer1.json").is_file():
-        raise FileNotFoundError(
-            f"{data_dir / 'layer1.json'} not found: --data must be a Recipe1M-layout folder")
+    # Locations are strings: local paths or URIs (s3://, gs://, ...), each resolved through tnlbt.storage.
+    data_dir, out_dir = _loc(data_dir), _loc(out_dir)
+    img_root = _loc(images_dir or cfg.image_root or storage.join(data_dir, "images"))
+    layer1 = storage.join(data_dir, "layer1.json")
+    if not _is_file(layer1):
+        raise FileNotFoundError(f"{layer1} not found: --data must be a Recipe1M-layout folder")
     fp = fingerprint(data_dir, img_root, cfg)
-    success = out_dir / "_SUCCESS"
-    if success.is_file() and not overwrite:
-        done = json.loads(success.read_text())
+    success = storage.join(out_dir, "_SUCCESS")
+    if _is_file(success) and not overwrite:
+        done = json.loads(storage.read_text(success))
         if done.get("fingerprint") == fp:
             log.info("%s is complete for this input and config; nothing to do (--overwrite to redo)", out_dir)
-            stats = json.loads((out_dir / "stats.json").read_text())
+            stats = json.loads(storage.read_text(storage.join(out_dir, "stats.json")))
             stats["skipped"] = True
             return stats
         raise ValueError(f"{out_dir} holds preprocessed data of a different input or config; "
                          "pass --overwrite to replace it or choose another --out")
-    work = out_dir / "_work"
-    resume = (not overwrite and (work / "fingerprint").is_file()
-              and (work / "fingerprint").read_text().strip() == fp)
+    # _work lives under OUT even when OUT is remote: tasks on other nodes must read the shards, and the done
+    # markers let any later run resume (see the module docstring).
+    work = storage.join(out_dir, "_work")
+    fp_file = storage.join(work, "fingerprint")
+    resume = not overwrite and _is_file(fp_file) and storage.read_text(fp_file).strip() == fp
     if not resume:
         _clean_outputs(out_dir)
-    shard_dir, done_dir = work / "shards", work / "done"
+    shard_dir, done_dir = storage.join(work, "shards"), storage.join(work, "done")
     for d in (shard_dir, done_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    (work / "fingerprint").write_text(fp + "\n")
+        storage.makedirs(d)  # a no-op on object stores
+    storage.write_text(fp_file, fp + "\n")
 
     # Stage 1: stream the raw files (driver).
     t0 = time.perf_counter()
-    for old in shard_dir.glob("*.jsonl"):
-        old.unlink()
+    for old in _list_files(shard_dir, "*.jsonl"):
+        storage.remove(storage.join(shard_dir, old))
     raw = read_raw(data_dir, shard_dir, cfg)
     t_read = time.perf_counter() - t0
     log.info("read %d records -> %d shards in %.1fs", raw["records_input"], len(raw["shards"]), t_read)
@@ -530,18 +738,23 @@ def preprocess(
 
         # Stage 2: vocabulary from paired train shards (parallel word counts).
         t0 = time.perf_counter()
-        train_p = [s for s in raw["shards"] if Path(s).name.startswith("train-p-")]
+        train_p = [s for s in raw["shards"] if _name(s).startswith("train-p-")]
         words: Counter[str] = Counter()
         if train_p:
             ds = ray.data.from_items([{"path": s} for s in train_p], override_num_blocks=len(train_p))
-            counts = ds.map_batches(_count_words_batch, batch_size=1, num_cpus=1,
-                                    compute=TaskPoolStrategy(size=min(n_tasks, len(train_p))))
+            counts = ds.map_batches(
+                _count_words_batch,
+                batch_size=1,
+                num_cpus=1,
+                compute=TaskPoolStrategy(size=min(n_tasks, len(train_p))),
+                **_task_remote_args(),
+            )
             for row in counts.iter_rows():
                 words.update(json.loads(row["counts"]))
         vocab = build_vocab(words, cfg.min_word_count)
         ingr_vocab = build_ingredient_vocab(raw["label_counts"], cfg.min_ingredient_count)
-        vocab.save(out_dir / "vocab.json")
-        ingr_vocab.save(out_dir / "ingredients.json")
+        vocab.save(storage.join(out_dir, "vocab.json"))
+        ingr_vocab.save(storage.join(out_dir, "ingredients.json"))
         t_vocab = time.perf_counter() - t0
         log.info("vocabulary: %d tokens (min count %d), %d ingredient labels", len(vocab), cfg.min_word_count,
                  len(ingr_vocab))
@@ -555,18 +768,19 @@ def preprocess(
             out = ds.map_batches(
                 _process_batch, batch_size=1, num_cpus=1,
                 compute=TaskPoolStrategy(size=min(n_tasks, len(shards))),
-                fn_kwargs={"out_dir": str(out_dir), "done_dir": str(done_dir), "vocab": vocab,
+                fn_kwargs={"out_dir": out_dir, "done_dir": done_dir, "vocab": vocab,
                            "ingredients": ingr_vocab, "cfg_dict": dataclasses.asdict(cfg),
-                           "images_dir": str(img_root)},
+                           "images_dir": img_root},
+                **_task_remote_args(),
             )
             results = [json.loads(row["result"]) for row in out.iter_rows()]
         t_process = time.perf_counter() - t0
         # Files left by an interrupted run whose shards were cut differently are not part of this output.
-        wanted = {out_dir / r["split"] / r["file"] for r in results if r["file"]}
+        wanted = {(r["split"], r["file"]) for r in results if r["file"]}
         for split in PARTITIONS:
-            for f in (out_dir / split).glob("part-*.parquet"):
-                if f not in wanted:
-                    f.unlink()
+            for name in _list_files(storage.join(out_dir, split), "part-*.parquet"):
+                if (split, name) not in wanted:
+                    storage.remove(storage.join(out_dir, split, name))
     finally:
         if started:
             import ray
@@ -579,14 +793,21 @@ def preprocess(
                         "process_cpu_s": round(sum(r.get("cpu_seconds", 0.0) for r in results), 3),
                         "tasks": n_tasks}
     stats["fingerprint"] = fp
-    stats["data_dir"], stats["images_dir"] = str(data_dir), str(img_root)
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    config = {"data": dataclasses.asdict(cfg), "data_dir": str(data_dir), "images_dir": str(img_root),
+    stats["data_dir"], stats["images_dir"] = data_dir, img_root
+    storage.write_text(storage.join(out_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
+    config = {"data": dataclasses.asdict(cfg), "data_dir": data_dir, "images_dir": img_root,
               "pipeline_version": PIPELINE_VERSION}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)  # the shards duplicate layer1's text; done markers are in stats
-    success.write_text(json.dumps({"fingerprint": fp, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                               time.gmtime())}) + "\n")
+    storage.write_text(storage.join(out_dir, "config.json"), json.dumps(config, indent=2) + "\n")
+    # the shards duplicate layer1's text; done markers are in stats
+    if storage.is_remote(work):
+        try:
+            storage.remove(work)  # every object under the prefix
+        except OSError as e:
+            log.warning("could not remove %s (%s); it is safe to delete", work, e)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    storage.write_text(success, json.dumps({"fingerprint": fp, "finished": finished}) + "\n")
     return stats
 
 

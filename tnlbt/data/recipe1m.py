@@ -17,7 +17,9 @@ the error is reported in ``errors``.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,27 +131,54 @@ class Utf8Sanitizer:
             self._pending = b""
 
 
-def iter_json_array(path: str | Path, errors: list[str] | None = None) -> Iterator[Any]:
-    """Yield the items of a JSON array file one by one (bounded memory).
+def open_binary(path: str | os.PathLike[str]) -> BinaryIO:
+    """A sequential binary stream for a local path or a URI (``s3://``, ``gs://``, ... via :mod:`tnlbt.storage`).
 
-    A file that is not a JSON array raises ``ValueError``; a syntax error part-way ends the iteration and is
+    Remote files are opened with ``open_input_stream`` (one streaming GET for the whole 1.3 GB layer1), not as
+    random-access files (one ranged request per read). Raises ``FileNotFoundError`` when nothing is there.
+    """
+    s = os.fspath(path)
+    from tnlbt import storage
+
+    if not storage.is_remote(s):
+        return open(storage.local_path(s) or s, "rb")  # the caller closes it
+    fs, inner = storage.resolve(s)
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{s}: no such file")
+    return fs.open_input_stream(inner, compression=None)  # type: ignore[return-value]
+
+
+def iter_json_array(source: str | os.PathLike[str] | BinaryIO, errors: list[str] | None = None) -> Iterator[Any]:
+    """Yield the items of a JSON array one by one (bounded memory).
+
+    ``source`` is a local path, a URI (``s3://bucket/layer1.json``, read as one stream through
+    :mod:`tnlbt.storage`), or an open binary stream (read from its current position and left open).
+    A source that is not a JSON array raises ``ValueError``; a syntax error part-way ends the iteration and is
     appended to ``errors`` (or logged) instead of raising, so the records read so far are kept.
     """
     import ijson
 
-    path = Path(path)
-    with path.open("rb") as raw:
+    if hasattr(source, "read"):
+        label = str(getattr(source, "name", "") or "<stream>")
+        raw_cm: Any = contextlib.nullcontext(source)
+    else:
+        label = os.fspath(source)  # type: ignore[arg-type]
+        raw_cm = open_binary(label)
+    name = label.rstrip("/").rsplit("/", 1)[-1]
+    with raw_cm as raw:
         f = Utf8Sanitizer(raw)
         first = f.peek_first_byte()
         if first != b"[":
-            raise ValueError(f"{path}: expected a JSON array (Recipe1M layout), file starts with {first!r}")
+            raise ValueError(f"{label}: expected a JSON array (Recipe1M layout), file starts with {first!r}")
         n = 0
         try:
             for item in ijson.items(f, "item", use_float=True):
                 n += 1
                 yield item
         except (ijson.JSONError, UnicodeDecodeError) as e:  # IncompleteJSONError is a JSONError
-            msg = f"{path.name}: JSON error after {n} items, rest of file skipped: {str(e)[:200]}"
+            msg = f"{name}: JSON error after {n} items, rest of file skipped: {str(e)[:200]}"
             log.warning(msg)
             if errors is not None:
                 errors.append(msg)
@@ -238,6 +267,22 @@ def clean_det_ingrs(obj: Any) -> tuple[str | None, list[str] | None]:
     return obj["id"].strip(), names
 
 
-def image_path(images_dir: str | Path, partition: str, image_id: str) -> Path:
-    """``{images_dir}/{partition}/{c0}/{c1}/{c2}/{c3}/{image_id}`` (Recipe1M's four-level tree)."""
-    return Path(images_dir, partition, *image_id[:4], image_id)
+def image_relpath(partition: str, image_id: str) -> str:
+    """``{partition}/{c0}/{c1}/{c2}/{c3}/{image_id}``: a photo's place under the image root ('/' separated)."""
+    return "/".join((partition, *image_id[:4], image_id))
+
+
+def image_path(images_dir: str | os.PathLike[str], partition: str, image_id: str) -> Path | str:
+    """``{images_dir}/{partition}/{c0}/{c1}/{c2}/{c3}/{image_id}`` (Recipe1M's four-level tree).
+
+    A local folder gives a :class:`~pathlib.Path`; a URI (``s3://bucket/images``) gives a URI string with the
+    same scheme. Code reading many photos from a remote root should resolve the root once
+    (:func:`tnlbt.storage.resolve`) and join :func:`image_relpath` onto its inner path instead.
+    """
+    s = os.fspath(images_dir)
+    if "://" in s:
+        from tnlbt import storage
+
+        if storage.scheme(s):
+            return storage.join(s, image_relpath(partition, image_id))
+    return Path(s, partition, *image_id[:4], image_id)

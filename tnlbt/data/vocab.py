@@ -92,7 +92,8 @@ class Vocab:
                 "counts": {w: self.counts[w] for w in self.tokens if w in self.counts}}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False) + "\n", encoding="utf-8")
+        """Write ``vocab.json`` to a local path or a URI (``s3://...``, see :mod:`tnlbt.storage`)."""
+        _write_text(path, json.dumps(self.to_dict(), ensure_ascii=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Vocab:
@@ -105,7 +106,8 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Read ``vocab.json`` from a local path or a URI."""
+        return cls.from_dict(json.loads(_read_text(path)))
 
 
 def build_vocab(counts: Mapping[str, int], min_count: int) -> Vocab:
@@ -120,6 +122,24 @@ def count_words(lines: Iterable[str], counter: Counter[str] | None = None) -> Co
     for line in lines:
         counter.update(tokenize(line))
     return counter
+
+
+def _write_text(path: str | Path, text: str) -> None:
+    """Local paths as plain files (as before); URIs through :mod:`tnlbt.storage` (one object, one PUT)."""
+    from tnlbt import storage
+
+    if storage.is_remote(path):
+        storage.write_text(path, text)
+    else:
+        Path(storage.local_path(path) or path).write_text(text, encoding="utf-8")
+
+
+def _read_text(path: str | Path) -> str:
+    from tnlbt import storage
+
+    if storage.is_remote(path):
+        return storage.read_text(path)
+    return Path(storage.local_path(path) or path).read_text(encoding="utf-8")
 
 
 # -- ingredient labels ------------------------------------------------------------------------------------
@@ -159,11 +179,11 @@ class IngredientVocab:
     def save(self, path: str | Path) -> None:
         data = {"names": self.names, "min_count": self.min_count,
                 "counts": [self.counts.get(n, 0) for n in self.names]}
-        Path(path).write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write_text(path, json.dumps(data, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> IngredientVocab:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
         names = data.get("names") if isinstance(data, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{path}: not an ingredient vocabulary (expected {{'names': [...]}})")
