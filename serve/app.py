@@ -12,6 +12,14 @@ one replica, as Gradio's queue needs.
 edge), ``cpus`` (CPUs per encoder replica, default 1; tests use fractions), ``max_replicas`` (encoder/API
 autoscaling ceiling), ``text_batch``, ``image_batch``, ``max_upload_bytes``, ``request_timeout_s``,
 ``api_app`` (the API application's name, for the UI), ``examples`` (how many test-split examples in the UI).
+
+``run`` may be a URI (``s3://bucket/runs/demo``). The builders pass the *URI* of the checkpoint to the encoder
+deployments, never a local path of the machine that builds the app: each replica, on whatever node it lands,
+fetches the model files into its own cache (:func:`tnlbt.index.embed.fetch_checkpoint`). Every deployment gets
+the driver's ``TNLBT_STORAGE_ROUTES`` / ``TNLBT_CACHE_DIR`` in its ``runtime_env``
+(:func:`tnlbt.index.embed.worker_runtime_env`). The UI's example photos and training-curve PNG must be local
+files for Gradio: for a remote run they are written under the run's local cache folder
+(:func:`tnlbt.index.embed.local_run_dir`).
 """
 
 from __future__ import annotations
@@ -34,16 +42,28 @@ def _f(args: dict[str, Any], key: str, default: Any) -> Any:
     return default if v in (None, "") else type(default)(v) if default is not None else v
 
 
+def _actor_options(num_cpus: float) -> dict[str, Any]:
+    """``ray_actor_options`` with the driver's storage environment forwarded (nothing extra when unset)."""
+    from tnlbt.index.embed import worker_runtime_env
+
+    opts: dict[str, Any] = {"num_cpus": num_cpus}
+    renv = worker_runtime_env()
+    if renv:
+        opts["runtime_env"] = renv
+    return opts
+
+
 def build_app(args: dict[str, Any]) -> Any:
-    """The API application (``serve run serve.app:build_app run=runs/demo``)."""
+    """The API application (``serve run serve.app:build_app run=runs/demo``; ``run`` may be a URI)."""
     from serve.deployments import ImageEncoder, SearchAPI, SearchIndex, TextEncoder
-    from tnlbt.index.embed import read_index_meta, resolve_checkpoint
+    from tnlbt.index.embed import index_checkpoint, read_index_meta
 
     run = args.get("run")
     if not run:
         raise ValueError("serve: args.run (the run directory) is required")
     meta = read_index_meta(run)
-    ckpt = str(resolve_checkpoint(meta.get("checkpoint") or run))
+    # Located here (a missing checkpoint fails now, in one line), loaded in the replicas: a URI stays a URI.
+    ckpt = str(index_checkpoint(run, meta))
     cpus = _f(args, "cpus", 0.0) or default_replica_cpus()
     max_rep = _f(args, "max_replicas", 2)
     text_batch, image_batch = _f(args, "text_batch", 16), _f(args, "image_batch", 8)
@@ -53,12 +73,12 @@ def build_app(args: dict[str, Any]) -> Any:
         return {"min_replicas": 1, "max_replicas": max_rep, "target_ongoing_requests": target}
 
     text = TextEncoder.options(
-        ray_actor_options={"num_cpus": cpus},
+        ray_actor_options=_actor_options(cpus),
         autoscaling_config=auto(max(2, text_batch // 2)),
         max_ongoing_requests=max(2 * text_batch, 8),  # >= batch size, or a batch never fills
     ).bind(ckpt, max_batch_size=text_batch, num_threads=threads)
     image = ImageEncoder.options(
-        ray_actor_options={"num_cpus": cpus},
+        ray_actor_options=_actor_options(cpus),
         autoscaling_config=auto(max(2, image_batch // 2)),
         max_ongoing_requests=max(2 * image_batch, 8),
     ).bind(ckpt, max_batch_size=image_batch, num_threads=threads)
@@ -66,7 +86,7 @@ def build_app(args: dict[str, Any]) -> Any:
     index = SearchIndex.options(
         # An embedded store (a folder) is locked by one process: exactly one replica. A server scales out.
         num_replicas=_f(args, "index_replicas", 2) if qdrant_url else 1,
-        ray_actor_options={"num_cpus": min(cpus, 0.5)},
+        ray_actor_options=_actor_options(min(cpus, 0.5)),
     ).bind(
         str(run),
         qdrant_url=qdrant_url,
@@ -74,7 +94,7 @@ def build_app(args: dict[str, Any]) -> Any:
         store_kind=args.get("store") or None,
     )
     return SearchAPI.options(
-        ray_actor_options={"num_cpus": min(cpus, 0.5)},
+        ray_actor_options=_actor_options(min(cpus, 0.5)),
         autoscaling_config=auto(16),
     ).bind(
         text,
@@ -99,11 +119,13 @@ def default_replica_cpus() -> float:
 
 
 def load_examples(run: str | Path, n: int = 4) -> dict[str, Any]:
-    """A few test-split recipes (text fields) and photos (written as JPEG under RUN/index/examples) for the
-    UI."""
+    """A few test-split recipes (text fields) and photos (written as JPEG under RUN/index/examples, or under
+    the local cache folder of a remote run) for the UI. The processed data may be remote."""
     import pyarrow.parquet as pq
 
-    from tnlbt.index.embed import read_index_meta, run_dir_of
+    from tnlbt import storage
+    from tnlbt.index.embed import local_run_dir, read_index_meta
+    from tnlbt.index.search import join_under, parquet_file, parquet_files
 
     meta = read_index_meta(run)
     data_dir = meta.get("data_dir")
@@ -111,18 +133,21 @@ def load_examples(run: str | Path, n: int = 4) -> dict[str, Any]:
     if not data_dir or n <= 0:
         return out
     split = meta.get("split", "test")
-    files = sorted((Path(data_dir) / ("test" if split == "all" else split)).glob("*.parquet"))
+    split_dir = join_under(data_dir, "test" if split == "all" else split)
+    files = parquet_files(split_dir)
     if not files:
         return out
-    t = pq.read_table(files[0], columns=["title", "ingredients", "instructions", "image_ids", "images"])
+    cols = ["title", "ingredients", "instructions", "image_ids", "images"]
+    if storage.is_remote(files[0]):
+        t = parquet_file(files[0]).read_row_group(0, columns=cols)  # one row group, not the whole shard
+    else:
+        t = pq.read_table(files[0], columns=cols)
     t = t.slice(0, min(len(t), 64))
-    ex_dir = run_dir_of(run) / "index" / "examples"
+    ex_dir = local_run_dir(run) / "index" / "examples"
     ex_dir.mkdir(parents=True, exist_ok=True)
     for r in t.to_pylist():
         if len(out["text"]) < n:
-            out["text"].append(
-                [r["title"], "\n".join(r["ingredients"][:10]), "\n".join(r["instructions"][:5])]
-            )
+            out["text"].append([r["title"], "\n".join(r["ingredients"][:10]), "\n".join(r["instructions"][:5])])
         if len(out["images"]) < n and r["images"]:
             p = ex_dir / Path(r["image_ids"][0]).name
             if not p.exists():
@@ -132,14 +157,20 @@ def load_examples(run: str | Path, n: int = 4) -> dict[str, Any]:
 
 
 def load_model_card(run: str | Path) -> dict[str, Any]:
-    from tnlbt.index.embed import read_index_meta, run_dir_of
+    """Run name, test metrics, the curves PNG (a local copy for a remote run) and index notes for the UI."""
+    import posixpath
+
+    from tnlbt import storage
+    from tnlbt.index.embed import local_run_dir, read_index_meta, run_dir_of
 
     rd = run_dir_of(run)
+    remote = isinstance(rd, str)
     metrics: Any = {}
     for name in ("metrics_test.json", "metrics.json"):
-        if (rd / name).exists():
+        p = storage.join(rd, name) if remote else rd / name
+        if storage.exists(p) if remote else p.exists():
             try:
-                metrics = json.loads((rd / name).read_text())
+                metrics = json.loads(storage.read_text(p) if remote else p.read_text())
             except json.JSONDecodeError:
                 metrics = {}
             break
@@ -148,11 +179,22 @@ def load_model_card(run: str | Path) -> dict[str, Any]:
         f"Index version `{meta.get('version', '?')}`: {meta.get('recipes', 0)} recipes, "
         f"{meta.get('photos', 0)} photos ({meta.get('split', '?')} split), store `{meta.get('store', '?')}`."
     )
-    curves = rd / "curves.png"
+    curves: Path | None = None
+    if remote:
+        try:
+            data = storage.read_bytes(storage.join(rd, "curves.png"))
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            curves = local_run_dir(rd) / "curves.png"
+            curves.parent.mkdir(parents=True, exist_ok=True)
+            curves.write_bytes(data)
+    elif (rd / "curves.png").exists():
+        curves = rd / "curves.png"
     return {
-        "run": rd.name,
+        "run": posixpath.basename(rd) if remote else rd.name,
         "metrics": metrics,
-        "curves": str(curves) if curves.exists() else None,
+        "curves": str(curves) if curves is not None else None,
         "notes": notes,
     }
 
@@ -166,14 +208,12 @@ def build_ui_app(args: dict[str, Any]) -> Any:
         raise ValueError("serve: args.run (the run directory) is required")
     examples = load_examples(run, _f(args, "examples", 4))
     cpus = _f(args, "cpus", 0.0) or default_replica_cpus()
-    return GradioUI.options(ray_actor_options={"num_cpus": min(cpus, 0.5)}).bind(
+    return GradioUI.options(ray_actor_options=_actor_options(min(cpus, 0.5))).bind(
         api_app=args.get("api_app") or API_APP, model_card=load_model_card(run), examples=examples
     )
 
 
-def run_local(
-    args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ui: bool = True
-) -> dict[str, str]:
+def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ui: bool = True) -> dict[str, str]:
     """Start Serve on ``host:port`` in the current Ray cluster and run both applications; returns the URLs."""
     from ray import serve
 
@@ -214,8 +254,9 @@ def patient_serve_env() -> None:
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 
-def serve_until_interrupted(app_args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
-                            ready_timeout_s: float = 120.0) -> int:
+def serve_until_interrupted(
+    app_args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 120.0
+) -> int:
     """Start Ray (if needed), the API and the UI; print the URLs and block until Ctrl-C."""
     import ray
 
@@ -241,7 +282,9 @@ def serve_until_interrupted(app_args: dict[str, Any], host: str = "127.0.0.1", p
 
 
 def cli_serve(args: argparse.Namespace) -> int:
-    if not Path(args.run).exists():
+    from tnlbt import storage
+
+    if not storage.exists(args.run):  # a local path or a URI (s3://bucket/runs/NAME)
         raise FileNotFoundError(f"run directory not found: {args.run}")
     app_args = {"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path}
     return serve_until_interrupted(app_args, host=args.host, port=args.port)

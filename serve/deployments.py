@@ -1,7 +1,11 @@
 """Ray Serve deployments: recipe/image encoders, the index, the HTTP API ingress and the Gradio UI.
 
 Everything a deployment needs comes in through its constructor (checkpoint dir, store location, limits);
-nothing runs at import. The FastAPI apps are built per replica by ``__serve_build_asgi_app__`` (Serve 2.60's
+nothing runs at import. The checkpoint and the run may be URIs (``s3://...``): an encoder replica fetches the
+model files into its node's cache when it starts (:func:`tnlbt.index.embed.fetch_checkpoint`, once per node
+and checkpoint version), and ``SearchIndex`` reads ``index.json`` and photo bytes through :mod:`tnlbt.storage`.
+
+The FastAPI apps are built per replica by ``__serve_build_asgi_app__`` (Serve 2.60's
 late-bound ingress), so routes close over the replica's handles and the Gradio Blocks object is created inside
 the replica (Gradio objects do not pickle, and Ray's own ``GradioServer`` is broken with Gradio 6).
 
@@ -58,7 +62,8 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
 )
 class TextEncoder:
-    """Recipe text -> embedding; requests are batched (one model forward per batch)."""
+    """Recipe text -> embedding; requests are batched (one model forward per batch). ``checkpoint_dir``: a
+    local path or a URI (fetched into this node's cache)."""
 
     def __init__(
         self,
@@ -90,7 +95,7 @@ class TextEncoder:
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
 )
 class ImageEncoder:
-    """Decoded RGB photo (PIL) -> embedding, batched."""
+    """Decoded RGB photo (PIL) -> embedding, batched (``checkpoint_dir`` as for :class:`TextEncoder`)."""
 
     def __init__(
         self,
@@ -117,7 +122,9 @@ class ImageEncoder:
 @serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
 class SearchIndex:
     """The vector store behind the API. An embedded store (local path, edge) allows exactly one replica;
-    with a Qdrant server (``qdrant_url``) the deployment may be scaled out."""
+    with a Qdrant server (``qdrant_url``) the deployment may be scaled out. For a remote ``run`` an embedded
+    store is the local folder named in its ``index.json``: on a node without it the replica starts anyway and
+    ``/readyz`` answers 503 with the reason (index built on another host)."""
 
     def __init__(
         self,
@@ -248,10 +255,7 @@ class SearchAPI:
                 "instructions": list(t.instructions),
             }
         else:
-            query = {
-                k: query.get(k) or ([] if k != "title" else "")
-                for k in ("title", "ingredients", "instructions")
-            }
+            query = {k: query.get(k) or ([] if k != "title" else "") for k in ("title", "ingredients", "instructions")}
         return await self._await(self.text_encoder.encode.remote(query))
 
     async def embed_image(self, data: bytes) -> list[float]:
@@ -425,9 +429,7 @@ def build_api_app(api: SearchAPI) -> Any:
         data = await api.image_bytes(image_id)
         if data is None:
             raise HTTPException(404, f"unknown image id {image_id!r}")
-        return Response(
-            data, media_type=_sniff_media_type(data), headers={"Cache-Control": "public, max-age=86400"}
-        )
+        return Response(data, media_type=_sniff_media_type(data), headers={"Cache-Control": "public, max-age=86400"})
 
     return app
 

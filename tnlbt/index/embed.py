@@ -13,67 +13,293 @@ switched, and old versions pruned (see :mod:`tnlbt.index.store`).
 :class:`Encoder` wraps a checkpoint for inference (recipe text -> vector, PIL image -> vector); the Ray Data
 UDFs, the Serve encoder deployments and :class:`tnlbt.index.search.Searcher` all use it, so a query vector is
 computed exactly the way the indexed vectors were.
+
+Remote runs and data (``s3://``, ``gs://``, any :mod:`tnlbt.storage` URI)
+-------------------------------------------------------------------------
+``--run`` and ``data.processed_dir`` may be URIs. What lives where:
+
+* **Checkpoint** -- read where it is. :func:`checkpoint_location` finds it without downloading anything (the
+  driver of ``tnlbt index`` and the Serve app builder only pass the *URI* on); each process that builds an
+  :class:`Encoder` (a Ray Data actor, a Serve replica, possibly on another node) calls
+  :func:`fetch_checkpoint`, which copies the four model files into a per-machine cache
+  ``<cache>/checkpoints/<name>-<hash(uri)>/<hash(size+mtime of each file)>/``. Why a persistent cache and not
+  a temp dir: several actors or replicas on one node, and every replica restart, would each download the
+  weights again; keyed by size and mtime, a new ``best`` checkpoint written to the same URI gets a new folder
+  instead of silently serving stale weights. A file lock makes one process per machine download while the
+  others wait; the folder appears by an atomic rename, so a crash never leaves a half-copied checkpoint that
+  looks complete. Only ``model.safetensors, config.json, vocab.json, ingredients.json`` are copied:
+  ``train_state.pt`` (optimiser and GAN state, 2-3x the weights) is useless for inference. The newest two
+  versions per URI are kept.
+* **Index metadata and embeddings** -- ``RUN/index/index.json`` and ``RUN/index/<version>/embeddings.parquet``
+  are written through :mod:`tnlbt.storage` next to the run (one object PUT each: visible whole or not at all).
+* **Embedded vector store** -- qdrant-client local mode and qdrant-edge are folders with file locks, mmaps and
+  renames: they cannot live on an object store. For a remote run the default store folder is therefore local,
+  ``<cache>/runs/<name>-<hash(run uri)>/{edge,qdrant}`` (:func:`local_run_dir`), a pure function of the run URI,
+  so ``tnlbt index --run s3://b/r`` followed by ``tnlbt serve --run s3://b/r`` on the same machine meet in the
+  same folder (``index.json`` also records it as ``store_path``, with ``store_host``). On another machine
+  there is no such folder and the reader says so (:class:`~tnlbt.index.store.IndexNotFound` naming the host
+  that built it); use ``--qdrant-url`` (a Qdrant server) for multi-machine serving. ``--qdrant-path`` must be
+  a local folder.
+* ``<cache>`` is ``$TNLBT_CACHE_DIR``, else ``$XDG_CACHE_HOME/tnlbt``, else ``~/.cache/tnlbt``
+  (:func:`cache_dir`).
+
+Local paths behave exactly as before: nothing is copied, the store defaults to ``RUN/edge`` / ``RUN/qdrant``,
+and the functions that returned a :class:`~pathlib.Path` still do (a remote location is returned as the URI
+``str``).
+
+Ray workers and Serve replicas get ``TNLBT_STORAGE_ROUTES`` and ``TNLBT_CACHE_DIR`` from the driver through
+their ``runtime_env`` (:func:`worker_runtime_env`): a process inherits the environment of whoever started Ray,
+which is not the driver when Ray was started earlier (``ray start``, a test session, a notebook).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
+import posixpath
+import re
 import shutil
+import socket
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tnlbt import storage
+
 log = logging.getLogger(__name__)
 
 INSTRUCTIONS_EXCERPT_CHARS = 300
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard for uploads and stored photos
+# What inference needs from a checkpoint (tnlbt.models.io); train_state.pt is deliberately not fetched.
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "vocab.json", "ingredients.json")
+WEIGHTS = CHECKPOINT_FILES[0]
+CHECKPOINT_VERSIONS_KEPT = 2
+# Environment that Ray workers and Serve replicas must share with the driver (see worker_runtime_env).
+FORWARDED_ENV = ("TNLBT_STORAGE_ROUTES", "TNLBT_CACHE_DIR")
 
 
 # -- run layout -----------------------------------------------------------------------------------------
-def resolve_checkpoint(run: str | Path) -> Path:
-    """A run dir (``RUN/checkpoints/{best,last}``) or a checkpoint dir itself -> the checkpoint dir."""
-    run = Path(run)
-    if (run / "model.safetensors").exists():
+def _is_remote(p: str | Path) -> bool:
+    return storage.is_remote(os.fspath(p))
+
+
+def _uri(p: str | Path) -> str:
+    """A remote location as a normalised URI string (no trailing slash)."""
+    s = os.fspath(p)
+    return s.rstrip("/") if not s.endswith("://") else s
+
+
+def _local(p: str | Path) -> Path:
+    """A local path or ``file://`` URI as a Path (a plain path is kept as given, relative or not)."""
+    s = os.fspath(p)
+    return Path(s) if storage.scheme(s) == "" else Path(storage.local_path(s) or s)
+
+
+def cache_dir() -> Path:
+    """Per-machine cache for remote runs: ``$TNLBT_CACHE_DIR``, else ``$XDG_CACHE_HOME/tnlbt``, else
+    ``~/.cache/tnlbt``. Holds fetched checkpoints and the local side of remote runs (embedded store, UI
+    examples); everything in it can be rebuilt from the run."""
+    env = os.environ.get("TNLBT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tnlbt"
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _cache_name(uri: str) -> str:
+    """``<last path part>-<hash of the URI>``: readable in ``ls`` and unique per URI."""
+    name = posixpath.basename(uri.rstrip("/")) or "root"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:48]}-{_digest(uri)}"
+
+
+def worker_runtime_env() -> dict[str, Any] | None:
+    """``{"env_vars": ...}`` carrying :data:`FORWARDED_ENV` from this process to Ray actors (``None`` when
+    none is set, so a local run schedules exactly as before). Ray merges ``env_vars`` with the job's and the
+    Serve application's own runtime_env. Cloud credentials are never forwarded: each node uses its own."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
+
+
+def _local_checkpoint(run: str | Path) -> Path:
+    run = _local(run)
+    if (run / WEIGHTS).exists():
         return run
     for name in ("best", "last"):
         c = run / "checkpoints" / name
-        if (c / "model.safetensors").exists():
+        if (c / WEIGHTS).exists():
             return c
     raise FileNotFoundError(f"no checkpoint in {run} (expected {run}/checkpoints/best/model.safetensors)")
 
 
-def run_dir_of(run: str | Path) -> Path:
-    """The run directory for a run or checkpoint path (checkpoint dirs live at RUN/checkpoints/NAME)."""
-    run = Path(run)
-    if (run / "model.safetensors").exists() and run.parent.name == "checkpoints":
+def checkpoint_location(run: str | Path) -> Path | str:
+    """Where the checkpoint of a run (``RUN/checkpoints/{best,last}``) or checkpoint dir is, without
+    downloading it: a local Path, or the checkpoint's URI for a remote run."""
+    if not _is_remote(run):
+        return _local_checkpoint(run)
+    uri = _uri(run)
+    candidates = [uri] + [storage.join(uri, "checkpoints", n) for n in ("best", "last")]
+    for c in candidates:
+        if storage.exists(storage.join(c, WEIGHTS)):
+            return c
+    raise FileNotFoundError(
+        f"no checkpoint in {uri} (expected {uri}/checkpoints/best/model.safetensors, .../last/..., or "
+        f"{uri}/model.safetensors; train first, or check the URI and the credentials)"
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes of one machine (flock); a no-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the atomic rename alone keeps the cache consistent
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fetch_checkpoint(uri: str) -> Path:
+    """A remote checkpoint dir -> a local copy of its model files in :func:`cache_dir` (see module doc).
+
+    Cheap when cached: one metadata request for the four files, no download.
+    """
+    import pyarrow.fs as pafs
+
+    uri = _uri(uri)
+    fs, base = storage.resolve(uri)
+    paths = [posixpath.join(base, n) for n in CHECKPOINT_FILES]
+    infos = fs.get_file_info(paths)
+    missing = [n for n, i in zip(CHECKPOINT_FILES, infos, strict=True) if i.type != pafs.FileType.File]
+    if missing:
+        raise FileNotFoundError(f"{uri} is not a model checkpoint: missing {', '.join(missing)}")
+    home = cache_dir() / "checkpoints" / _cache_name(uri)
+    target = home / _digest(*(f"{n}:{i.size}:{i.mtime_ns}" for n, i in zip(CHECKPOINT_FILES, infos, strict=True)))
+    if target.is_dir():
+        return target
+    home.mkdir(parents=True, exist_ok=True)
+    with _file_lock(home / ".lock"):
+        if target.is_dir():  # another process of this machine fetched it while we waited
+            return target
+        # Under the lock any other partial folder is left over from a crashed download.
+        for stale in home.glob(".partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        partial = home / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        partial.mkdir()
+        t0 = time.perf_counter()
+        try:
+            for name, path in zip(CHECKPOINT_FILES, paths, strict=True):
+                with fs.open_input_stream(path) as src, open(partial / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 8 * 1024 * 1024)
+            os.rename(partial, target)  # atomic: the folder exists only complete
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        log.info("fetched checkpoint %s -> %s in %.1fs", uri, target, time.perf_counter() - t0)
+        versions = sorted(
+            (p for p in home.iterdir() if p.is_dir() and not p.name.startswith(".") and p != target),
+            key=lambda p: p.stat().st_mtime,
+        )
+        for old in versions[: max(0, len(versions) - (CHECKPOINT_VERSIONS_KEPT - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def resolve_checkpoint(run: str | Path) -> Path:
+    """A run dir (``RUN/checkpoints/{best,last}``) or a checkpoint dir itself -> the *local* checkpoint dir;
+    a remote one is fetched into the cache first (:func:`fetch_checkpoint`)."""
+    loc = checkpoint_location(run)
+    return loc if isinstance(loc, Path) else fetch_checkpoint(loc)
+
+
+def run_dir_of(run: str | Path) -> Path | str:
+    """The run directory for a run or checkpoint path (checkpoint dirs live at RUN/checkpoints/NAME): a Path
+    for a local run, the URI for a remote one."""
+    if _is_remote(run):
+        uri = _uri(run)
+        parent = posixpath.dirname(uri)
+        if posixpath.basename(parent) == "checkpoints" and storage.exists(storage.join(uri, WEIGHTS)):
+            return posixpath.dirname(parent)
+        return uri
+    run = _local(run)
+    if (run / WEIGHTS).exists() and run.parent.name == "checkpoints":
         return run.parent.parent
     return run
 
 
+def local_run_dir(run: str | Path) -> Path:
+    """The local folder that holds a run's machine-local state (embedded store, UI examples): the run dir
+    itself for a local run, ``<cache>/runs/<name>-<hash(uri)>`` for a remote one."""
+    rd = run_dir_of(run)
+    return rd if isinstance(rd, Path) else cache_dir() / "runs" / _cache_name(rd)
+
+
 def default_store_path(run: str | Path, kind: str) -> str:
-    return str(run_dir_of(run) / ("qdrant" if kind == "qdrant" else "edge"))
+    """``RUN/qdrant`` or ``RUN/edge`` for a local run; the same names under :func:`local_run_dir` for a remote
+    one (an embedded store is a local folder; see the module doc)."""
+    return str(local_run_dir(run) / ("qdrant" if kind == "qdrant" else "edge"))
 
 
-def write_index_meta(run: str | Path, meta: dict[str, Any]) -> Path:
-    p = run_dir_of(run) / "index" / "index.json"
+def index_dir(run: str | Path) -> Path | str:
+    rd = run_dir_of(run)
+    return rd / "index" if isinstance(rd, Path) else storage.join(rd, "index")
+
+
+def write_index_meta(run: str | Path, meta: dict[str, Any]) -> Path | str:
+    d = index_dir(run)
+    text = json.dumps(meta, indent=2, sort_keys=True)
+    if not isinstance(d, Path):
+        uri = storage.join(d, "index.json")
+        storage.write_text(uri, text)  # one PUT: readers see the old or the new object, never a mix
+        return uri
+    p = d / "index.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, p)
     return p
 
 
 def read_index_meta(run: str | Path) -> dict[str, Any]:
-    p = run_dir_of(run) / "index" / "index.json"
+    d = index_dir(run)
+    if not isinstance(d, Path):
+        try:
+            return json.loads(storage.read_text(storage.join(d, "index.json")))
+        except FileNotFoundError:
+            return {}
+    p = d / "index.json"
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def index_checkpoint(run: str | Path, meta: dict[str, Any]) -> Path | str:
+    """The checkpoint an index was built with (``meta["checkpoint"]``), located with
+    :func:`checkpoint_location`; the run's own checkpoint when that one is not reachable here (an index built
+    from a local copy of a run that was then uploaded, or a path relative to another working directory)."""
+    recorded = meta.get("checkpoint")
+    if recorded:
+        try:
+            return checkpoint_location(recorded)
+        except FileNotFoundError:
+            log.warning("checkpoint %s recorded in index.json is not reachable; using %s's", recorded, run)
+    return checkpoint_location(run)
 
 
 # -- inference wrapper --------------------------------------------------------------------------------------
@@ -100,9 +326,7 @@ class RecipeText:
 
     def is_empty(self) -> bool:
         return not (
-            self.title.strip()
-            or any(s.strip() for s in self.ingredients)
-            or any(s.strip() for s in self.instructions)
+            self.title.strip() or any(s.strip() for s in self.ingredients) or any(s.strip() for s in self.instructions)
         )
 
 
@@ -288,17 +512,13 @@ class IndexEmbedder:
         empty_lists = pa.array([[]] * n_p, pa.list_(pa.string()))
         return pa.table(
             {
-                "id": pa.concat_arrays(
-                    [r["id"].combine_chunks().cast(pa.string()), p["id"].combine_chunks()]
-                ),
+                "id": pa.concat_arrays([r["id"].combine_chunks().cast(pa.string()), p["id"].combine_chunks()]),
                 "modality": pa.array(["recipe"] * n_r + ["image"] * n_p, pa.string()),
                 "recipe_id": pa.concat_arrays(
                     [r["id"].combine_chunks().cast(pa.string()), p["recipe_id"].combine_chunks()]
                 ),
                 "vector": pa.concat_arrays([r["vector"].combine_chunks(), p["vector"].combine_chunks()]),
-                "title": pa.concat_arrays(
-                    [r["title"].combine_chunks().cast(pa.string()), p["title"].combine_chunks()]
-                ),
+                "title": pa.concat_arrays([r["title"].combine_chunks().cast(pa.string()), p["title"].combine_chunks()]),
                 "ingredients": pa.concat_arrays(
                     [r["ingredients"].combine_chunks().cast(pa.list_(pa.string())), empty_lists]
                 ),
@@ -308,25 +528,27 @@ class IndexEmbedder:
                 "image_ids": pa.concat_arrays(
                     [r["image_ids"].combine_chunks().cast(pa.list_(pa.string())), empty_lists]
                 ),
-                "split": pa.concat_arrays(
-                    [r["split"].combine_chunks().cast(pa.string()), p["split"].combine_chunks()]
-                ),
+                "split": pa.concat_arrays([r["split"].combine_chunks().cast(pa.string()), p["split"].combine_chunks()]),
                 "skipped": pa.concat_arrays([pa.array([0] * n_r, pa.int64()), p["skipped"].combine_chunks()]),
             }
         )
 
 
 def split_dirs(data_dir: str | Path, split: str) -> list[str]:
+    """The split folders holding Parquet files (local paths, or URIs under a remote ``data_dir``)."""
     splits = ["train", "val", "test"] if split == "all" else [split]
     out = []
     for s in splits:
-        d = Path(data_dir) / s
+        if _is_remote(data_dir):
+            d = storage.join(_uri(data_dir), s)
+            if any(n.endswith(".parquet") for n in storage.listdir(d)):
+                out.append(d)
+            continue
+        d = _local(data_dir) / s
         if d.is_dir() and any(d.glob("*.parquet")):
             out.append(str(d))
     if not out:
-        raise FileNotFoundError(
-            f"no Parquet files for split {split!r} under {data_dir} (run `tnlbt preprocess`)"
-        )
+        raise FileNotFoundError(f"no Parquet files for split {split!r} under {data_dir} (run `tnlbt preprocess`)")
     return out
 
 
@@ -339,13 +561,27 @@ def embed_split(
     num_cpus_per_actor: float = 1.0,
 ) -> tuple[Any, Any, int]:
     """Embed a split on a Ray Data actor pool; returns ``(recipes, photos, skipped_photos)`` (pyarrow
-    tables)."""
+    tables).
+
+    A remote checkpoint goes to the actors as its URI (each fetches it into its node's cache); a remote
+    ``data_dir`` is read with the :mod:`tnlbt.storage` filesystem (``read_parquet(..., filesystem=)``), which
+    pickles into the read tasks.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
 
-    ckpt = str(resolve_checkpoint(checkpoint_dir))
+    ckpt = str(checkpoint_location(checkpoint_dir))
     paths = split_dirs(data_dir, split)
+    read_kw: dict[str, Any] = {}
+    if _is_remote(data_dir):
+        fs, _ = storage.resolve(_uri(data_dir))
+        paths = [storage.resolve(p)[1] for p in paths]
+        read_kw["filesystem"] = fs
+    map_kw: dict[str, Any] = {}
+    renv = worker_runtime_env()
+    if renv:
+        map_kw["runtime_env"] = renv
     res = ray.available_resources()
     gpus = int(res.get("GPU", 0))
     if actors <= 0:
@@ -366,7 +602,7 @@ def embed_split(
         "image_ids",
         "images",
     ]
-    ds = ray.data.read_parquet(paths, columns=cols).map_batches(
+    ds = ray.data.read_parquet(paths, columns=cols, **read_kw).map_batches(
         IndexEmbedder,
         fn_constructor_kwargs={"checkpoint_dir": ckpt, "device": "cuda" if gpus else "cpu"},
         num_gpus=1 if gpus else 0,
@@ -374,6 +610,7 @@ def embed_split(
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=num_cpus_per_actor,
+        **map_kw,
     )
     parts = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     if not parts:
@@ -386,8 +623,9 @@ def embed_split(
     return recipes, photos, skipped
 
 
-def write_embeddings(out_dir: Path, recipes: Any, photos: Any) -> Path:
-    """``embeddings.parquet``: ``id, modality ("recipe"|"image"), recipe_id, vector``."""
+def write_embeddings(out_dir: Path | str, recipes: Any, photos: Any) -> Path | str:
+    """``embeddings.parquet``: ``id, modality ("recipe"|"image"), recipe_id, vector`` (``out_dir`` may be a
+    URI; the file is then one object, visible when complete)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -412,6 +650,12 @@ def write_embeddings(out_dir: Path, recipes: Any, photos: Any) -> Path:
                 }
             )
         )
+    if _is_remote(out_dir):
+        uri = storage.join(_uri(out_dir), "embeddings.parquet")
+        fs, inner = storage.resolve(uri)
+        pq.write_table(pa.concat_tables(parts), inner, filesystem=fs)
+        return uri
+    out_dir = _local(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     p = out_dir / "embeddings.parquet"
     pq.write_table(pa.concat_tables(parts), p)
@@ -474,6 +718,22 @@ def pa_payloads(table: Any, cols: list[str], id_key: str) -> list[dict[str, Any]
     return [{id_key: ids[i], **{c: v[i] for c, v in data.items()}} for i in range(len(ids))]
 
 
+def _prune_embeddings(run: str | Path, keep: int) -> None:
+    """Drop the ``RUN/index/v*`` embeddings of versions the store no longer keeps (same keep-N rule)."""
+    d = index_dir(run)
+    if isinstance(d, Path):
+        old = sorted(p for p in d.glob("v*") if p.is_dir())[: -max(1, keep)]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+        return
+    names = sorted(n for n in storage.listdir(d) if n.startswith("v") and storage.isdir(storage.join(d, n)))
+    for n in names[: -max(1, keep)]:
+        try:
+            storage.remove(storage.join(d, n))
+        except OSError as e:  # a left-over prefix costs storage, not correctness
+            log.warning("could not remove old embeddings %s: %s", storage.join(d, n), e)
+
+
 def index_run(
     run: str | Path,
     data_dir: str | Path | None = None,
@@ -484,13 +744,22 @@ def index_run(
     keep: int = 2,
     actors: int = 0,
 ) -> dict[str, Any]:
-    """Embed ``split`` with the run's checkpoint and publish a new index version. Needs Ray initialised."""
+    """Embed ``split`` with the run's checkpoint and publish a new index version. Needs Ray initialised.
+
+    ``run`` and ``data_dir`` may be URIs (module doc): the checkpoint is only located here (the actors fetch
+    it), ``config.json`` is read through storage, and an embedded store goes to a local folder.
+    """
     from tnlbt.config import Config
     from tnlbt.index.store import choose_kind, new_version, open_store
 
     store_kind = choose_kind(store_kind, qdrant_url)
-    ckpt = resolve_checkpoint(run)
-    cfg = Config.from_dict(json.loads((ckpt / "config.json").read_text()))
+    if qdrant_path and not qdrant_url and _is_remote(qdrant_path):
+        raise ValueError(
+            f"--qdrant-path {qdrant_path}: the embedded store is a local folder (file locks, mmaps); give a "
+            "local path, or use a Qdrant server with --qdrant-url"
+        )
+    ckpt = checkpoint_location(run)
+    cfg = Config.from_dict(json.loads(storage.read_text(storage.join(str(ckpt), "config.json"))))
     data_dir = data_dir or cfg.data.processed_dir
     path = None if qdrant_url else (qdrant_path or default_store_path(run, store_kind))
     # Open the store first: a server that is down or a local folder locked by a running API fails in
@@ -501,14 +770,13 @@ def index_run(
         recipes, photos, skipped = embed_split(ckpt, data_dir, split, actors=actors)
         t_embed = time.perf_counter() - t0
         version = new_version()
-        emb_path = write_embeddings(run_dir_of(run) / "index" / version, recipes, photos)
+        vdir = index_dir(run)
+        vdir = vdir / version if isinstance(vdir, Path) else storage.join(vdir, version)
+        emb_path = write_embeddings(vdir, recipes, photos)
         info = load_into_store(store, recipes, photos, version, keep=keep)
     finally:
         store.close()
-    # the embeddings Parquet of versions the store no longer keeps goes too (same keep-N rule)
-    old = sorted(p for p in (run_dir_of(run) / "index").glob("v*") if p.is_dir())[: -max(1, keep)]
-    for p in old:
-        shutil.rmtree(p, ignore_errors=True)
+    _prune_embeddings(run, keep)
     meta = {
         **info,
         "store": store_kind,
@@ -523,6 +791,9 @@ def index_run(
         "dim": int(cfg.model.embed_dim),
         "image_root": cfg.data.images_dir,
     }
+    if path is not None and _is_remote(run_dir_of(run)):
+        # the store is on this machine only: say which one, for the reader's error message elsewhere
+        meta["store_host"] = socket.gethostname()
     write_index_meta(run, meta)
     return meta
 
@@ -556,4 +827,9 @@ def cli_index(args: argparse.Namespace) -> int:
         f"({meta['qdrant_url'] or meta['store_path']}); embed {meta['embed_s']}s, load {meta['load_s']}s"
     )
     print(f"embeddings: {meta['embeddings']}")
+    if meta.get("store_host"):
+        print(
+            f"the run is remote but its embedded store is local to this machine ({meta['store_host']}): "
+            f"`tnlbt serve --run {args.run}` here finds it; elsewhere index into a Qdrant server (--qdrant-url)"
+        )
     return 0

@@ -13,6 +13,11 @@ that were embedded), found through a lazily built ``image_id -> (file, row, posi
 preferred because it is an O(1) path lookup with full-size photos; the Parquet fallback keeps a deployment
 that shipped only the processed data (no raw tree) working. Ids are checked against a strict pattern and the
 resolved path must stay under the root, so a request can never read another file.
+
+Remote runs and data (``s3://...``): the image root and the processed Parquet may be URIs; both are read
+through :mod:`tnlbt.storage` (a photo request reads one Parquet row group, not the whole file). The embedded
+store of a remote run is a local folder (see :mod:`tnlbt.index.embed`); when it is not on this machine
+:meth:`IndexReader.from_run` raises :class:`~tnlbt.index.store.IndexNotFound` naming the host that built it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import json
 import logging
 import re
+import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,15 +34,17 @@ from typing import Any
 
 import numpy as np
 
+from tnlbt import storage
 from tnlbt.index.embed import (
     Encoder,
     RecipeText,
     decode_image,
     default_store_path,
+    index_checkpoint,
     read_index_meta,
     run_dir_of,
 )
-from tnlbt.index.store import PHOTOS, RECIPES, Hit, VectorStore, open_store
+from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, VectorStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -69,42 +77,68 @@ def recipe_hit(h: Hit) -> dict[str, Any]:
 
 
 class ImageSource:
-    """Photo bytes by image id: the raw tree first, the processed Parquet second (see module docstring)."""
+    """Photo bytes by image id: the raw tree first, the processed Parquet second (see module docstring).
+
+    ``image_root`` and ``parquet_dirs`` may be local paths or URIs (read through :mod:`tnlbt.storage`).
+    """
 
     def __init__(self, image_root: str | None = None, parquet_dirs: Sequence[str] = ()) -> None:
-        self.root = Path(image_root).resolve() if image_root else None
-        self.parquet_dirs = [d for d in parquet_dirs if Path(d).is_dir()]
-        self._map: dict[str, tuple[str, int, int]] | None = None
+        self.remote_root = image_root.rstrip("/") if image_root and storage.is_remote(image_root) else None
+        self.root = Path(image_root).resolve() if image_root and not self.remote_root else None
+        self._remote_root_ok: bool | None = None  # checked once (a LIST request), not per photo
+        self.parquet_dirs = [d for d in parquet_dirs if _isdir(d)]
+        # image_id -> (parquet file, row group, row in the group, position in the row's photo list)
+        self._map: dict[str, tuple[str, int, int, int]] | None = None
         self._lock = threading.Lock()
 
     @staticmethod
     def valid_id(image_id: str) -> bool:
         return bool(IMAGE_ID_RE.match(image_id)) and ".." not in image_id
 
+    def _tree_parts(self, image_id: str, split: str | None) -> list[tuple[str, ...]]:
+        splits = [split] if split else ["test", "val", "train"]
+        return [
+            (s, image_id[0], image_id[1], image_id[2], image_id[3], image_id)
+            for s in splits
+            if s in ("train", "val", "test")
+        ]
+
     def _tree_path(self, image_id: str, split: str | None) -> Path | None:
         if self.root is None or not self.root.is_dir():
             return None
-        splits = [split] if split else ["test", "val", "train"]
-        for s in splits:
-            if s not in ("train", "val", "test"):
-                continue
-            p = (self.root / s / image_id[0] / image_id[1] / image_id[2] / image_id[3] / image_id).resolve()
+        for parts in self._tree_parts(image_id, split):
+            p = self.root.joinpath(*parts).resolve()
             if p.is_relative_to(self.root) and p.is_file():
                 return p
         return None
 
-    def _parquet_map(self) -> dict[str, tuple[str, int, int]]:
+    def _remote_tree_bytes(self, image_id: str, split: str | None) -> bytes | None:
+        # valid_id() (no "/", no "..") keeps the key under the root: nothing to resolve on an object store
+        if self.remote_root is None:
+            return None
+        if self._remote_root_ok is None:
+            self._remote_root_ok = storage.isdir(self.remote_root)
+        if not self._remote_root_ok:
+            return None
+        for parts in self._tree_parts(image_id, split):
+            try:
+                return storage.read_bytes(storage.join(self.remote_root, *parts))
+            except FileNotFoundError:
+                continue
+        return None
+
+    def _parquet_map(self) -> dict[str, tuple[str, int, int, int]]:
         with self._lock:
             if self._map is None:
-                import pyarrow.parquet as pq
-
-                m: dict[str, tuple[str, int, int]] = {}
+                m: dict[str, tuple[str, int, int, int]] = {}
                 for d in self.parquet_dirs:
-                    for f in sorted(Path(d).glob("*.parquet")):
-                        ids = pq.read_table(f, columns=["image_ids"])["image_ids"].to_pylist()
-                        for row, lst in enumerate(ids):
-                            for pos, iid in enumerate(lst or []):
-                                m[iid] = (str(f), row, pos)
+                    for f in parquet_files(d):
+                        pf = parquet_file(f)
+                        for rg in range(pf.num_row_groups):
+                            ids = pf.read_row_group(rg, columns=["image_ids"])["image_ids"].to_pylist()
+                            for row, lst in enumerate(ids):
+                                for pos, iid in enumerate(lst or []):
+                                    m[iid] = (f, rg, row, pos)
                 self._map = m
             return self._map
 
@@ -115,14 +149,55 @@ class ImageSource:
         p = self._tree_path(image_id, split)
         if p is not None:
             return p.read_bytes()
+        data = self._remote_tree_bytes(image_id, split)
+        if data is not None:
+            return data
         loc = self._parquet_map().get(image_id) if self.parquet_dirs else None
         if loc is None:
             return None
-        import pyarrow.parquet as pq
-
-        f, row, pos = loc
-        table = pq.read_table(f, columns=["images"])
+        f, rg, row, pos = loc
+        table = parquet_file(f).read_row_group(rg, columns=["images"])
         return table["images"][row].as_py()[pos]
+
+
+def _isdir(d: str) -> bool:
+    return storage.isdir(d) if storage.is_remote(d) else Path(d).is_dir()
+
+
+def parquet_files(d: str) -> list[str]:
+    """Sorted ``*.parquet`` files of a local folder or a remote prefix (as paths / URIs)."""
+    if storage.is_remote(d):
+        return [storage.join(d, n) for n in storage.listdir(d) if n.endswith(".parquet")]
+    return [str(f) for f in sorted(Path(d).glob("*.parquet"))]
+
+
+def parquet_file(f: str) -> Any:
+    import pyarrow.parquet as pq
+
+    if storage.is_remote(f):
+        fs, inner = storage.resolve(f)
+        return pq.ParquetFile(fs.open_input_file(inner))
+    return pq.ParquetFile(f)
+
+
+def join_under(base: str, part: str) -> str:
+    return storage.join(base, part) if storage.is_remote(base) else str(Path(base) / part)
+
+
+def _check_local_store(run: str | Path, meta: dict[str, Any], path: str) -> None:
+    """A remote run's embedded store is a folder on the machine that indexed it: say so when it is not here
+    (instead of opening an empty store and failing later with a vaguer message)."""
+    if Path(path).is_dir():
+        return
+    run_s = str(run_dir_of(run))
+    if not meta:
+        raise IndexNotFound(f"no index for {run_s} (no index/index.json): run `tnlbt index --run {run_s}` first")
+    host = meta.get("store_host") or "the machine that ran `tnlbt index`"
+    raise IndexNotFound(
+        f"the embedded {meta.get('store', 'qdrant')} store of {run_s} is a local folder on {host} "
+        f"({path}), not on this machine ({socket.gethostname()}): run `tnlbt index --run {run_s}` here, or "
+        "index into a Qdrant server (--qdrant-url) to serve from several machines"
+    )
 
 
 class IndexReader:
@@ -144,14 +219,13 @@ class IndexReader:
         kind = store_kind or meta.get("store") or "qdrant"
         url = qdrant_url or (meta.get("qdrant_url") if not qdrant_path else None)
         path = None if url else (qdrant_path or meta.get("store_path") or default_store_path(run, kind))
+        if path is not None and not qdrant_path and storage.is_remote(str(run_dir_of(run))):
+            _check_local_store(run, meta, path)
         store = open_store(kind, url=url, path=path)
         data_dir = meta.get("data_dir")
         split = meta.get("split", "test")
-        dirs = (
-            [str(Path(data_dir) / s) for s in (["train", "val", "test"] if split == "all" else [split])]
-            if data_dir
-            else []
-        )
+        splits = ["train", "val", "test"] if split == "all" else [split]
+        dirs = [join_under(data_dir, s) for s in splits] if data_dir else []
         return cls(store, ImageSource(meta.get("image_root"), dirs))
 
     def ready(self) -> dict[str, Any]:
@@ -205,8 +279,14 @@ class Searcher:
         store_kind: str | None = None,
     ) -> Searcher:
         meta = read_index_meta(run)
-        ckpt = meta.get("checkpoint") or run
-        return cls(Encoder(ckpt), IndexReader.from_run(run, qdrant_url, qdrant_path, store_kind))
+        ckpt = index_checkpoint(run, meta)  # located, not loaded: a missing checkpoint fails here, cheaply
+        # The index before the model: a missing index fails before a remote checkpoint is downloaded.
+        reader = IndexReader.from_run(run, qdrant_url, qdrant_path, store_kind)
+        try:
+            return cls(Encoder(ckpt), reader)
+        except BaseException:
+            reader.close()
+            raise
 
     def search_text(
         self, query: RecipeText | str, k: int = 10, filter: dict[str, Any] | None = None
@@ -217,9 +297,7 @@ class Searcher:
         vec = self.encoder.encode_texts([q])[0]
         return self.reader.search_photos(vec, _check_k(k), filter)
 
-    def search_image(
-        self, image: Any, k: int = 10, filter: dict[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
+    def search_image(self, image: Any, k: int = 10, filter: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """``image``: bytes, a path, or a PIL image."""
         if isinstance(image, bytes | bytearray):
             image = decode_image(bytes(image))
@@ -257,7 +335,7 @@ def cli_search(args: argparse.Namespace) -> int:
     from tnlbt.index.store import IndexNotFound, StoreUnavailable
 
     run = run_dir_of(args.run)
-    if not run.exists():
+    if not (storage.exists(run) if isinstance(run, str) else run.exists()):
         raise FileNotFoundError(f"run directory not found: {run}")
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"no such image: {args.image}")
