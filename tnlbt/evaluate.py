@@ -5,6 +5,11 @@ transform), rows sorted by recipe id so the bags do not depend on how the split 
 R@1/5/10 in both directions (:func:`tnlbt.metrics.evaluate_embeddings`). Rows that cannot be collated (e.g. a
 photo that no longer decodes) are skipped and counted. No Ray here: evaluation of a test split fits one
 process; ``tnlbt index`` is the Ray Data path for big corpora.
+
+Remote runs and data (``--run s3://bucket/runs/RUN``, ``data.processed_dir=s3://...``; see :mod:`tnlbt.storage`):
+the checkpoint is downloaded to a temporary folder and loaded from there (safetensors and the model loader read
+local files), the split is streamed one Parquet row group at a time (no local copy of the split: a Recipe1M
+test split with its photos is gigabytes), and ``metrics_{split}.json`` is written through storage.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from tnlbt import storage
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +40,14 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
 
 
 @torch.no_grad()
-def embed_split(model: Any, split_dir: str | Path, *, batch_size: int = 64,
-                image_pick: Literal["first", "random"] = "first",
-                device: str | torch.device = "cpu") -> dict[str, Any]:
+def embed_split(
+    model: Any,
+    split_dir: str | Path,
+    *,
+    batch_size: int = 64,
+    image_pick: Literal["first", "random"] = "first",
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
     """Embed the paired rows of one processed split.
 
     Returns ``{"ids": list[str], "image_emb": (N, D) float32, "recipe_emb": (N, D) float32, "skipped": int,
@@ -43,12 +56,11 @@ def embed_split(model: Any, split_dir: str | Path, *, batch_size: int = 64,
     A batch that fails to collate is retried row by row so one bad photo costs one row, not the batch.
     """
     from tnlbt.data.collate import collate
-    from tnlbt.data.dataset import RecipeDataset
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     dev = torch.device(device)
-    ds = RecipeDataset(split_dir, paired_only=True, columns=_COLUMNS)
+    batches = _row_batches(split_dir, batch_size)
     if hasattr(model, "eval"):
         model.eval()
     transform = model.image_transform(train=False)
@@ -73,9 +85,9 @@ def embed_split(model: Any, split_dir: str | Path, *, batch_size: int = 64,
         rec_parts.append(rec.float().cpu().numpy())
         ids.extend(str(r["id"]) for r in rows)
 
-    n = len(ds)
-    for start in range(0, n, batch_size):
-        rows = [ds[i] for i in range(start, min(start + batch_size, n))]
+    n_read = 0
+    for rows in batches:
+        start, n_read = n_read, n_read + len(rows)
         try:
             batch = make(rows)
         except Exception as e:  # bad input: isolate the offending rows, skip and count them
@@ -102,8 +114,62 @@ def embed_split(model: Any, split_dir: str | Path, *, batch_size: int = 64,
     }
 
 
-def find_checkpoint(run: str | Path) -> Path:
-    """``RUN`` itself if it holds ``model.safetensors``, else ``RUN/checkpoints/best``, else ``.../last``."""
+def _row_batches(split_dir: str | Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Paired rows of a split in batches: :class:`~tnlbt.data.dataset.RecipeDataset` for a local folder (as
+    before; raises ``FileNotFoundError`` at once), :func:`_remote_batches` for a URI."""
+    if storage.scheme(split_dir) != "":
+        return _remote_batches(os.fspath(split_dir), batch_size)
+    from tnlbt.data.dataset import RecipeDataset
+
+    ds = RecipeDataset(split_dir, paired_only=True, columns=_COLUMNS)
+    n = len(ds)
+    return ([ds[i] for i in range(start, min(start + batch_size, n))] for start in range(0, n, batch_size))
+
+
+def _remote_batches(split_uri: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Paired rows of ``{split_uri}/part-*.parquet`` read through storage, one row group at a time."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    names = [n for n in storage.listdir(split_uri) if n.startswith("part-") and n.endswith(".parquet")]
+    if not names:
+        raise FileNotFoundError(f"no part-*.parquet files in {split_uri} (run `tnlbt preprocess` first)")
+    buf: list[dict[str, Any]] = []
+    for name in names:
+        with storage.open_input(storage.join(split_uri, name)) as f:
+            pf = pq.ParquetFile(f)
+            for gi in range(pf.metadata.num_row_groups):
+                table = pf.read_row_group(gi, columns=_COLUMNS)
+                for row in table.filter(pc.field("has_image")).to_pylist():
+                    buf.append(row)
+                    if len(buf) == batch_size:
+                        yield buf
+                        buf = []
+    if buf:
+        yield buf
+
+
+def find_checkpoint(run: str | Path) -> Path | str:
+    """``RUN`` itself if it holds ``model.safetensors``, else ``RUN/checkpoints/best``, else ``.../last``.
+
+    ``run`` may be a URI (the result is then a URI; download it with
+    :func:`tnlbt.train.checkpoint.local_checkpoint`). A remote ``best``/``last`` must be complete
+    (``train_state.pt`` is uploaded last): one being replaced by a running training is skipped.
+    """
+    if storage.scheme(run) != "":
+        from tnlbt.train.checkpoint import is_complete
+
+        uri = os.fspath(run).rstrip("/")
+        if storage.exists(storage.join(uri, "model.safetensors")):
+            return uri
+        for name in ("best", "last"):
+            d = storage.join(uri, "checkpoints", name)
+            if is_complete(d):
+                return d
+        raise FileNotFoundError(
+            f"no checkpoint in {uri}: expected {uri}/model.safetensors or "
+            f"{uri}/checkpoints/best|last (complete; train first)"
+        )
     run = Path(run)
     if (run / "model.safetensors").is_file():
         return run
@@ -111,21 +177,33 @@ def find_checkpoint(run: str | Path) -> Path:
         d = run / "checkpoints" / name
         if (d / "model.safetensors").is_file():
             return d
-    raise FileNotFoundError(f"no checkpoint in {run}: expected {run}/model.safetensors or "
-                            f"{run}/checkpoints/best|last/model.safetensors (train first)")
+    raise FileNotFoundError(
+        f"no checkpoint in {run}: expected {run}/model.safetensors or "
+        f"{run}/checkpoints/best|last/model.safetensors (train first)"
+    )
 
 
 def cli_eval(args: argparse.Namespace) -> int:
     """``tnlbt eval --run RUN [--split test] [--data DIR] [--bags N] [--mode random|fixed]``."""
     from tnlbt.metrics import evaluate_embeddings, format_table
     from tnlbt.models import load_model
+    from tnlbt.train.checkpoint import local_checkpoint
 
-    run = Path(args.run)
+    remote_run = storage.scheme(args.run) != ""
+    run: Path | str = os.fspath(args.run).rstrip("/") if remote_run else Path(args.run)
     ckpt = find_checkpoint(run)
-    model, cfg, _vocab, _ingredients = load_model(ckpt)
-    data_dir = Path(args.data or cfg.data.processed_dir)
-    split_dir = data_dir / args.split
-    if not split_dir.is_dir():
+    with local_checkpoint(ckpt) as local_ckpt:
+        model, cfg, _vocab, _ingredients = load_model(local_ckpt)
+    data = args.data or cfg.data.processed_dir
+    if storage.scheme(data) != "":
+        data_dir: Path | str = os.fspath(data).rstrip("/")
+        split_dir: Path | str = storage.join(data_dir, args.split)
+        found = storage.isdir(split_dir)
+    else:
+        data_dir = Path(data)
+        split_dir = data_dir / args.split
+        found = split_dir.is_dir()
+    if not found:
         raise FileNotFoundError(f"no processed split at {split_dir} (pass --data or run `tnlbt preprocess`)")
     ecfg = cfg.eval
     if getattr(args, "bags", None) is not None:
@@ -144,13 +222,24 @@ def cli_eval(args: argparse.Namespace) -> int:
     t_metrics = time.perf_counter() - t0
     out = dict(metrics)
     out["meta"] = {
-        "checkpoint": str(ckpt), "split": args.split, "data": str(data_dir), "n_pairs": len(emb["ids"]),
-        "skipped_rows": emb["skipped"], "skipped_ids": emb["skipped_ids"], "mode": ecfg.mode,
-        "n_bags": ecfg.n_bags, "seed": ecfg.seed, "embed_seconds": round(t_embed, 2),
+        "checkpoint": str(ckpt),
+        "split": args.split,
+        "data": str(data_dir),
+        "n_pairs": len(emb["ids"]),
+        "skipped_rows": emb["skipped"],
+        "skipped_ids": emb["skipped_ids"],
+        "mode": ecfg.mode,
+        "n_bags": ecfg.n_bags,
+        "seed": ecfg.seed,
+        "embed_seconds": round(t_embed, 2),
         "metrics_seconds": round(t_metrics, 2),
     }
-    path = run / f"metrics_{args.split}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    if remote_run:
+        path: Path | str = storage.join(run, f"metrics_{args.split}.json")
+        storage.write_text(path, json.dumps(out, indent=2) + "\n")
+    else:
+        path = run / f"metrics_{args.split}.json"
+        path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"{args.split}: {len(emb['ids'])} pairs ({emb['skipped']} skipped), checkpoint {ckpt}")
     print(format_table(metrics))
     print(f"wrote {path}")

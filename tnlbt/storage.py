@@ -34,6 +34,7 @@ __all__ = [
     "ObjectStoreOnDisk",
     "StorageError",
     "as_text_stream",
+    "cache_dir",
     "clear_filesystem_cache",
     "copy_dir",
     "describe",
@@ -64,6 +65,7 @@ __all__ = [
 ]
 
 _LOCAL_SCHEMES = ("", "file", "local")
+_ROUTES_ENV = "TNLBT_STORAGE_ROUTES"  # scheme=/folder routes, see ObjectStoreOnDisk
 _OBJECT_STORE_TYPES = ("s3", "gcs")  # pyarrow FileSystem.type_name values without real directories
 # Schemes Ray Train / Ray Data resolve themselves from the URI string on every node (credentials come from
 # each node's environment); everything else must be passed to Ray as an explicit filesystem object.
@@ -388,16 +390,31 @@ def ray_storage(uri: str | os.PathLike[str]) -> tuple[str, pafs.FileSystem | Non
     return path, fs
 
 
+_FORWARDED_ENV = (_ROUTES_ENV, "TNLBT_CACHE_DIR")
+
+
+def cache_dir() -> Path:
+    """This machine's cache for the local side of remote runs: ``$TNLBT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/tnlbt``, else ``~/.cache/tnlbt``. Holds fetched checkpoints, training staging folders and
+    embedded vector stores of remote runs; everything in it can be rebuilt from the remote copy."""
+    env = os.environ.get("TNLBT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tnlbt"
+
+
 def ray_runtime_env() -> dict[str, Any]:
-    """``runtime_env`` entries that carry ``TNLBT_STORAGE_ROUTES`` into Ray tasks, actors and train workers.
+    """``runtime_env`` entries that carry ``TNLBT_STORAGE_ROUTES`` and ``TNLBT_CACHE_DIR`` into Ray tasks,
+    actors, train workers and Serve replicas.
 
     Ray workers inherit the environment of the process that started Ray, which may predate the variable (a Ray
     started earlier in the same process, or a long-lived local cluster), so callers pass this explicitly.
     Empty when the variable is unset: on a real cluster each node resolves ``s3://``/``gs://`` itself with its
     own credentials.
     """
-    routes = os.environ.get(_ROUTES_ENV)
-    return {"env_vars": {_ROUTES_ENV: routes}} if routes else {}
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else {}
 
 
 def describe(uri: str | os.PathLike[str]) -> dict[str, Any]:
@@ -425,7 +442,6 @@ def ensure_parent(uri: str | os.PathLike[str]) -> None:
 
 
 # -- an object store on local disk (tests, laptops, multi-process runs) -----------------------------
-_ROUTES_ENV = "TNLBT_STORAGE_ROUTES"
 
 
 class ObjectStoreOnDisk(pafs.FileSystemHandler):

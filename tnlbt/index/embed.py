@@ -84,8 +84,6 @@ MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard for uploads and stored
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "vocab.json", "ingredients.json")
 WEIGHTS = CHECKPOINT_FILES[0]
 CHECKPOINT_VERSIONS_KEPT = 2
-# Environment that Ray workers and Serve replicas must share with the driver (see worker_runtime_env).
-FORWARDED_ENV = ("TNLBT_STORAGE_ROUTES", "TNLBT_CACHE_DIR")
 
 
 # -- run layout -----------------------------------------------------------------------------------------
@@ -105,15 +103,7 @@ def _local(p: str | Path) -> Path:
     return Path(s) if storage.scheme(s) == "" else Path(storage.local_path(s) or s)
 
 
-def cache_dir() -> Path:
-    """Per-machine cache for remote runs: ``$TNLBT_CACHE_DIR``, else ``$XDG_CACHE_HOME/tnlbt``, else
-    ``~/.cache/tnlbt``. Holds fetched checkpoints and the local side of remote runs (embedded store, UI
-    examples); everything in it can be rebuilt from the run."""
-    env = os.environ.get("TNLBT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tnlbt"
+cache_dir = storage.cache_dir  # per-machine cache for the local side of remote runs
 
 
 def _digest(*parts: str) -> str:
@@ -127,11 +117,10 @@ def _cache_name(uri: str) -> str:
 
 
 def worker_runtime_env() -> dict[str, Any] | None:
-    """``{"env_vars": ...}`` carrying :data:`FORWARDED_ENV` from this process to Ray actors (``None`` when
-    none is set, so a local run schedules exactly as before). Ray merges ``env_vars`` with the job's and the
-    Serve application's own runtime_env. Cloud credentials are never forwarded: each node uses its own."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    return {"env_vars": env} if env else None
+    """:func:`tnlbt.storage.ray_runtime_env` for Ray actors and Serve replicas, ``None`` when empty (a local run
+    schedules exactly as before). Ray merges ``env_vars`` with the job's and the Serve application's own
+    runtime_env. Cloud credentials are never forwarded: each node uses its own."""
+    return storage.ray_runtime_env() or None
 
 
 def _local_checkpoint(run: str | Path) -> Path:

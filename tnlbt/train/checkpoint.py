@@ -9,21 +9,38 @@ A checkpoint is written into a temporary sibling folder and renamed into place, 
 leaves a half-written ``last`` (the previous one survives until the new one is complete).
 ``train_state.pt`` holds optimiser states, the step counters, the epoch, the RNG states and what the margin
 schedule needs, so a resumed run continues on the same schedule as an uninterrupted one.
+
+Remote run directories (``s3://...``, ``gs://...``; see :mod:`tnlbt.storage`). Object stores can neither rename a
+prefix nor replace several objects at once, so the temp-folder-and-rename trick does not exist there. Checkpoints
+are always *written* locally (rank 0's staging folder) and then published with :func:`upload_checkpoint`, which
+uses ``train_state.pt`` as the completion marker: it deletes the remote ``train_state.pt`` first (from then on
+the old checkpoint reads as incomplete, never as a mix of old and new files), uploads every other file, and
+uploads ``train_state.pt`` last. Each object appears only when its upload completes, so
+``is_complete(uri)`` (which requires ``train_state.pt``) is true only for a fully uploaded checkpoint. The price:
+a crash in the middle of replacing ``last`` leaves no complete ``last``; :func:`latest_checkpoint` then falls back
+to ``best``, which is never newer than ``last`` and is uploaded after it, so the run resumes from an older but
+whole checkpoint (and redoes some steps, as after any crash). Reading a remote checkpoint =
+:func:`local_checkpoint` (download to a temporary folder, load with the plain local functions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from tnlbt import storage
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +106,24 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+def _local(p: str | Path) -> Path:
+    """A local path as given (relative paths stay relative), or the path of a ``file://`` URI."""
+    return Path(p) if storage.scheme(p) == "" else Path(storage.local_path(p) or p)
+
+
 def is_complete(ckpt_dir: str | Path, need_train_state: bool = True) -> bool:
-    d = Path(ckpt_dir)
+    """True when the checkpoint folder (local path or URI) holds the model files (and ``train_state.pt``).
+
+    On a remote URI only ``need_train_state=True`` proves a finished upload (``train_state.pt`` is uploaded
+    last, see the module docstring); without it a checkpoint being replaced may read as complete.
+    """
     need = ["model.safetensors", "config.json", "vocab.json"]
     if need_train_state:
         need.append(TRAIN_STATE)
+    if storage.is_remote(ckpt_dir):
+        uri = os.fspath(ckpt_dir)
+        return all(storage.exists(storage.join(uri, n)) for n in need)
+    d = _local(ckpt_dir)
     return d.is_dir() and all((d / n).exists() for n in need)
 
 
@@ -118,7 +148,85 @@ def load_train_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
     return torch.load(p, map_location="cpu", weights_only=False)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """``RUN/checkpoints/last`` if it is complete, else None."""
-    last = Path(run_dir) / "checkpoints" / "last"
-    return last if is_complete(last) else None
+def latest_checkpoint(run_dir: str | Path) -> Path | str | None:
+    """The newest complete checkpoint of a run: ``RUN/checkpoints/last``, else ``RUN/checkpoints/best``, else None.
+
+    ``run_dir`` may be a URI; the result is then a URI too (download it with :func:`local_checkpoint`). ``best``
+    only matters when ``last`` is incomplete, which happens on an object store when a crash cut the upload of a
+    new ``last`` short (locally ``last`` is replaced by a rename and is never incomplete once it exists); ``best``
+    is a copy of an earlier or the same ``last``, so resuming from it only redoes some steps.
+    """
+    if storage.is_remote(run_dir):
+        base = storage.join(os.fspath(run_dir), "checkpoints")
+        for name in ("last", "best"):
+            uri = storage.join(base, name)
+            if is_complete(uri):
+                return uri
+        return None
+    for name in ("last", "best"):
+        d = _local(run_dir) / "checkpoints" / name
+        if is_complete(d):
+            return d
+    return None
+
+
+def staging_root() -> str | None:
+    """Parent folder for local copies of remote runs and checkpoints: ``storage.cache_dir()/staging``
+    (``$TNLBT_CACHE_DIR``, else ``~/.cache/tnlbt``), or the temp dir when that cannot be created."""
+    root = os.path.join(storage.cache_dir(), "staging")
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError:
+        return None
+    return root
+
+
+@contextlib.contextmanager
+def local_checkpoint(ckpt: str | Path) -> Iterator[Path]:
+    """A checkpoint as a local folder: a local path as is, a remote URI downloaded to a temporary folder
+    (deleted on exit). Raises ``FileNotFoundError`` when the download is not a complete checkpoint."""
+    if not storage.is_remote(ckpt):
+        yield _local(ckpt)
+        return
+    tmp = tempfile.mkdtemp(prefix="tnlbt-ckpt-", dir=staging_root())
+    try:
+        local = Path(storage.download_dir(ckpt, os.path.join(tmp, "ckpt")))
+        if not is_complete(local, need_train_state=False):
+            raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (model files missing)")
+        yield local
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _upload_file(src: Path, dst: str) -> None:
+    with src.open("rb") as fin, storage.open_output(dst) as fout:
+        shutil.copyfileobj(fin, fout, 8 << 20)
+
+
+def upload_checkpoint(local_dir: str | Path, uri: str | Path) -> str:
+    """Publish a local checkpoint folder at ``uri`` (a remote URI or a local path); returns ``uri``.
+
+    Remote: marker-last protocol of the module docstring (delete ``train_state.pt``, drop objects the new
+    checkpoint does not have, upload the other files, upload ``train_state.pt``). A local ``uri`` gets
+    :func:`copy_checkpoint` (temp folder + rename).
+    """
+    src = Path(local_dir)
+    if not storage.is_remote(uri):
+        dst = _local(uri)
+        if dst.resolve() != src.resolve():
+            copy_checkpoint(src, dst)
+        return os.fspath(uri)
+    uri = os.fspath(uri).rstrip("/")
+    names = sorted(os.listdir(src))
+    storage.remove(storage.join(uri, TRAIN_STATE))  # from now on the old checkpoint reads as incomplete
+    for old in storage.listdir(uri):
+        if old not in names:
+            storage.remove(storage.join(uri, old))
+    for name in [n for n in names if n != TRAIN_STATE] + [n for n in names if n == TRAIN_STATE]:
+        p = src / name
+        if p.is_dir():
+            storage.remove(storage.join(uri, name))
+            storage.copy_dir(p, storage.join(uri, name))
+        else:
+            _upload_file(p, storage.join(uri, name))
+    return uri

@@ -13,6 +13,11 @@ every ``train.recipe_only_every``-th paired step. The global step counts paired 
 rate, the margin's progress (``epoch + epoch_step / steps_per_epoch``), logging, step checkpoints and the
 fault injection.
 
+Remote storage (``data.processed_dir`` / ``train.runs_dir`` as ``s3://...`` etc., see :mod:`tnlbt.storage`): the
+Parquet splits and the JSON files are read through pyarrow filesystems; the run directory is handled by
+:class:`RunFiles` (rank 0 writes into a local staging folder and publishes whole files to the remote run
+directory, because object stores have no appends and no renames).
+
 Gradients are averaged over ranks by one coalesced all-reduce after each step's backward (not DDP): the
 gathered local-loss form makes the sum over ranks of each rank's gradients equal to the global-batch gradient
 times the world size, GradCache does two backward passes per step (DDP would have to be silenced with
@@ -26,7 +31,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tnlbt import storage
 from tnlbt.config import Config
 from tnlbt.train import checkpoint as ckpt_mod
 from tnlbt.train.lr import lr_factor, set_lr
@@ -47,7 +56,12 @@ Rows = list[dict[str, Any]]
 
 # Columns the training step reads; the raw strings (title, ingredients, instructions, ids) stay on disk.
 TRAIN_COLUMNS = [
-    "has_image", "title_ids", "ingredient_ids", "instruction_ids", "ingredient_labels", "images",
+    "has_image",
+    "title_ids",
+    "ingredient_ids",
+    "instruction_ids",
+    "ingredient_labels",
+    "images",
 ]
 
 
@@ -65,23 +79,38 @@ class Backend(Protocol):
 
     def val_batches(self, batch_size: int) -> Iterator[Rows]: ...
 
-    def resume_dir(self) -> contextlib.AbstractContextManager[Path | None]: ...
+    def resume_dir(self) -> contextlib.AbstractContextManager[Path | str | None]:
+        """A checkpoint to start from: a local folder, a remote URI (downloaded by the loop), or None."""
+        ...
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None: ...
 
 
-def read_split_table(split_dir: str | Path, columns: list[str] | None = None):
-    """All Parquet parts of a split as one pyarrow Table (only ``columns`` that exist)."""
-    import pyarrow.parquet as pq
+def split_parquet_files(split_dir: str | Path):
+    """``(pyarrow filesystem, sorted paths inside it)`` of the ``*.parquet`` files directly in a split folder.
 
-    files = sorted(Path(split_dir).glob("*.parquet"))
+    ``split_dir`` is a local path or a URI (``s3://bucket/processed/train``). Raises ``FileNotFoundError`` when
+    there are none.
+    """
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(split_dir)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
         raise FileNotFoundError(f"no Parquet files in {split_dir} (run `tnlbt preprocess` first)")
-    schema_names = pq.read_schema(files[0]).names
-    cols = [c for c in columns if c in schema_names] if columns else None
-    import pyarrow as pa
+    return fs, files
 
-    return pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
+
+def read_split_table(split_dir: str | Path, columns: list[str] | None = None):
+    """All Parquet parts of a split (local path or URI) as one pyarrow Table (only ``columns`` that exist)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, files = split_parquet_files(split_dir)
+    schema_names = pq.read_schema(files[0], filesystem=fs).names
+    cols = [c for c in columns if c in schema_names] if columns else None
+    return pa.concat_tables([pq.read_table(f, columns=cols, filesystem=fs) for f in files])
 
 
 def count_rows(split_dir: str | Path) -> tuple[int, int]:
@@ -94,18 +123,22 @@ def count_rows(split_dir: str | Path) -> tuple[int, int]:
 class LocalBackend:
     """One process: rows read with pyarrow, reshuffled every epoch with a seeded generator."""
 
-    def __init__(self, data_dir: str | Path, seed: int, resume: str | Path | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, seed: int, resume: str | Path | None = None, device: torch.device | None = None
+    ) -> None:
         import pyarrow.compute as pc
 
         self.rank, self.world_size = 0, 1
         self.device = device or torch.device("cpu")
         self.seed = seed
-        self._resume = Path(resume) if resume else None
-        table = read_split_table(Path(data_dir) / "train", TRAIN_COLUMNS)
+        # a remote URI stays a string (Path would fold "s3://" into "s3:/"); the loop downloads it
+        self._resume: Path | str | None = (
+            (os.fspath(resume) if storage.is_remote(resume) else Path(resume)) if resume else None
+        )
+        table = read_split_table(storage.join(os.fspath(data_dir), "train"), TRAIN_COLUMNS)
         self._paired = table.filter(pc.field("has_image"))
         self._recipe = table.filter(~pc.field("has_image"))
-        self._val_dir = Path(data_dir) / "val"
+        self._val_dir: str | Path = storage.join(os.fspath(data_dir), "val")
         self._val = None
 
     def _batches(self, table, epoch: int, batch_size: int, salt: int) -> Iterator[Rows]:
@@ -129,7 +162,7 @@ class LocalBackend:
             yield self._val.slice(i, batch_size).to_pylist()
 
     @contextlib.contextmanager
-    def resume_dir(self) -> Iterator[Path | None]:
+    def resume_dir(self) -> Iterator[Path | str | None]:
         yield self._resume
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
@@ -151,13 +184,16 @@ class LoopState:
 
 
 class MetricsWriter:
-    """Rank-0 sink: ``metrics.jsonl`` (append) and TensorBoard events under ``RUN/tb``."""
+    """Rank-0 sink: ``metrics.jsonl`` (append) and TensorBoard events under ``RUN/tb``.
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
+    ``run_dir`` is a local folder (a remote run's staging folder, see :class:`RunFiles`); None when disabled.
+    """
+
+    def __init__(self, run_dir: Path | None, enabled: bool) -> None:
+        self.enabled = enabled and run_dir is not None
         self._tb = None
-        self._path = run_dir / "metrics.jsonl"
-        if enabled:
+        self._path = run_dir / "metrics.jsonl" if run_dir is not None else None
+        if self.enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -183,6 +219,127 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+
+# -- the run directory ---------------------------------------------------------------------------------------
+class RunFiles:
+    """The run directory ``{runs_dir}/{run_name}`` as the loop writes it (a local path or a remote URI).
+
+    Local run directory: ``local`` *is* the run directory and every ``publish_*`` method is a no-op, so a
+    local run writes exactly what it always did (``metrics.jsonl`` appended line by line, checkpoints renamed
+    into place, ``best`` copied from ``last``).
+
+    Remote run directory (rank 0): the loop writes into ``local``, a staging folder under
+    ``storage.cache_dir()/staging`` (else the system temp dir), created fresh for every process and deleted by
+    :meth:`close`, and publishes from there. Why a staging folder: object stores have no append (the JSONL log,
+    TensorBoard's event files), no rename (the checkpoint swap), and ``safetensors``/``torch.save`` want local
+    files. What is published, and when:
+
+    * ``metrics.jsonl``: the whole file is rewritten (no appends on S3) at every epoch end and step
+      checkpoint, on :meth:`close` (also after a crash, so the records of lost steps are kept as they are
+      locally), and at most every ``publish_every_s`` seconds after a log line (a live view without rewriting
+      a growing file on every step). The staging copy starts from the remote one, so a resumed run -- a rerun
+      with the same name, or a Ray worker group restarted on another node -- keeps its history.
+    * ``tb/`` (whole event files) and ``curves.png`` (rendered by :func:`tnlbt.train.plots.plot_run`) at every
+      epoch end: with nothing on local disk to point ``tnlbt plot`` or TensorBoard at, the bucket itself shows
+      the curves. Local runs do not render the PNG (``tnlbt plot RUN`` reads the live ``metrics.jsonl``).
+    * checkpoints with :func:`tnlbt.train.checkpoint.upload_checkpoint` (``train_state.pt`` last). Metrics are
+      published *before* a checkpoint, so a crash in between leaves duplicated records after the resume
+      (as locally), never a checkpoint whose epoch is missing from the log.
+
+    Other ranks of a remote run write nothing (``local`` is None).
+    """
+
+    METRICS = "metrics.jsonl"
+
+    def __init__(self, uri: str | Path, is_main: bool, publish_every_s: float = 60.0) -> None:
+        self.uri = os.fspath(uri)
+        self.remote = storage.is_remote(self.uri)
+        self.is_main = is_main
+        self.publish_every_s = publish_every_s
+        self._tmp: str | None = None
+        self._last_publish = time.monotonic()
+        self.local: Path | None
+        if not self.remote:
+            self.local = Path(uri) if storage.scheme(self.uri) == "" else Path(storage.local_path(self.uri) or uri)
+        elif is_main:
+            self._tmp = tempfile.mkdtemp(prefix="tnlbt-run-", dir=ckpt_mod.staging_root())
+            self.local = Path(self._tmp)
+            src = storage.join(self.uri, self.METRICS)
+            if storage.exists(src):
+                (self.local / self.METRICS).write_bytes(storage.read_bytes(src))
+        else:
+            self.local = None
+
+    def join(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    # fault injection marker (tests): on the run directory itself, so a restarted process sees it
+    def fail_marker_exists(self) -> bool:
+        if not self.remote:
+            return (self.local / ".fail_injected").exists()
+        return storage.exists(self.join(".fail_injected"))
+
+    def write_fail_marker(self, text: str) -> None:
+        if not self.remote:
+            marker = self.local / ".fail_injected"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(text)
+        else:
+            storage.write_text(self.join(".fail_injected"), text)
+
+    def publish_metrics(self, force: bool = True) -> None:
+        """Rewrite the remote ``metrics.jsonl`` from the staging copy (remote rank 0 only)."""
+        if not (self.remote and self.is_main):
+            return
+        if not force and time.monotonic() - self._last_publish < self.publish_every_s:
+            return
+        path = self.local / self.METRICS
+        if path.exists():
+            storage.write_bytes(self.join(self.METRICS), path.read_bytes())
+        self._last_publish = time.monotonic()
+
+    def publish_epoch(self) -> None:
+        """Epoch end: ``metrics.jsonl``, ``tb/`` and a fresh ``curves.png`` (remote rank 0 only)."""
+        if not (self.remote and self.is_main):
+            return
+        self.publish_metrics()
+        tb = self.local / "tb"
+        if tb.is_dir() and any(tb.iterdir()):
+            storage.upload_dir(tb, self.join("tb"))
+        try:
+            from tnlbt.train.plots import plot_run
+
+            png = plot_run(self.local)
+            storage.write_bytes(self.join(png.name), png.read_bytes())
+        except Exception as e:  # a plot must never stop a training run
+            log.warning("curves.png not published: %s: %s", type(e).__name__, e)
+
+    def publish_checkpoint(self, local_ckpt: Path, name: str) -> None:
+        """``checkpoints/{name}`` from a local checkpoint folder. Local runs: ``best`` is copied from ``last``
+        (temp folder + rename, as before); ``last`` is already in place."""
+        if not self.remote:
+            dst = self.local / "checkpoints" / name
+            if Path(local_ckpt).resolve() != dst.resolve():
+                ckpt_mod.copy_checkpoint(local_ckpt, dst)
+            return
+        if self.is_main:
+            ckpt_mod.upload_checkpoint(local_ckpt, self.join("checkpoints", name))
+
+    def close(self) -> None:
+        """Publish ``metrics.jsonl`` one last time and delete the staging folder.
+
+        Best effort: it also runs while an exception propagates (a crash), which a failed upload must not mask.
+        """
+        try:
+            self.publish_metrics()
+        except Exception as e:
+            log.warning("metrics.jsonl not published to %s: %s: %s", self.uri, type(e).__name__, e)
+        finally:
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
 
 
 # -- collectives helpers -------------------------------------------------------------------------------------
@@ -255,8 +412,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 # -- validation ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def embed_rows(model, batches: Iterator[Rows], collate_fn, device: torch.device, max_rows: int = 0,
-               amp_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+def embed_rows(
+    model,
+    batches: Iterator[Rows],
+    collate_fn,
+    device: torch.device,
+    max_rows: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Image and recipe embeddings (L2-normalised, float32 numpy) of paired rows, eval mode."""
     was = model.training
     model.eval()
@@ -287,9 +450,14 @@ def validate(model, backend: Backend, cfg: Config, collate_fn, amp_dtype) -> dic
     """Image->recipe medR / R@K on bags of the VAL split (same bags every epoch: a fixed seed)."""
     from tnlbt.metrics import bagged_metrics
 
-    img, rec = embed_rows(model, backend.val_batches(max(cfg.train.batch_size, 64)), collate_fn,
-    backend.device,
-                          cfg.train.val_max_rows, amp_dtype)
+    img, rec = embed_rows(
+        model,
+        backend.val_batches(max(cfg.train.batch_size, 64)),
+        collate_fn,
+        backend.device,
+        cfg.train.val_max_rows,
+        amp_dtype,
+    )
     n = img.shape[0]
     if n < 2:
         log.warning("validation split has %d paired rows: no metrics", n)
@@ -348,8 +516,8 @@ def _next_synced(it: Iterator[Rows] | None, backend: Backend) -> Rows | None:
     return rows
 
 
-def _load_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+def _load_json(path: str | Path) -> Any:
+    return json.loads(storage.read_text(path))
 
 
 def steps_per_epoch_for(cfg: Config, n_paired: int, world_size: int) -> int:
@@ -360,23 +528,25 @@ def steps_per_epoch_for(cfg: Config, n_paired: int, world_size: int) -> int:
     return steps
 
 
-def run_training(cfg: Config, backend: Backend, data_dir: str | Path, run_dir: str | Path,
-                 n_paired: int | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: Config, backend: Backend, data_dir: str | Path, run_dir: str | Path, n_paired: int | None = None
+) -> dict[str, Any]:
     """Train ``cfg.train.epochs`` epochs (resuming where a checkpoint says) and return the final summary.
 
-    ``n_paired`` is the number of paired train rows (to size epochs identically on every rank); counted from
-    the Parquet files when not given.
+    ``data_dir`` and ``run_dir`` are local paths or URIs (:mod:`tnlbt.storage`); see :class:`RunFiles` for what a
+    remote run directory gets. ``n_paired`` is the number of paired train rows (to size epochs identically on
+    every rank); counted from the Parquet files when not given.
     """
     from tnlbt.data.collate import collate
     from tnlbt.losses import margin_at
     from tnlbt.models import create_model
     from tnlbt.train.step import TrainStep, build_optimizers
 
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    data_uri = os.fspath(data_dir)
     rank, world, device = backend.rank, backend.world_size, backend.device
     is_main = rank == 0
-    vocab_tokens = _load_json(data_dir / "vocab.json")["tokens"]
-    ingredient_names = _load_json(data_dir / "ingredients.json")["names"]
+    vocab_tokens = _load_json(storage.join(data_uri, "vocab.json"))["tokens"]
+    ingredient_names = _load_json(storage.join(data_uri, "ingredients.json"))["names"]
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank (and broadcast below anyway)
     model = create_model(cfg, len(vocab_tokens), len(ingredient_names)).to(device)
@@ -386,7 +556,7 @@ def run_training(cfg: Config, backend: Backend, data_dir: str | Path, run_dir: s
     step_fn = TrainStep(model, cfg, rank=rank, world_size=world, device=device, amp_dtype=amp_dtype)
 
     if n_paired is None:
-        n_paired = count_rows(data_dir / "train")[0]
+        n_paired = count_rows(storage.join(data_uri, "train"))[0]
     steps_per_epoch = steps_per_epoch_for(cfg, n_paired, world)
     if steps_per_epoch < 1:
         raise ValueError(
@@ -397,9 +567,17 @@ def run_training(cfg: Config, backend: Backend, data_dir: str | Path, run_dir: s
 
     # -- resume ---------------------------------------------------------------------------------------------
     state = LoopState()
-    with backend.resume_dir() as rdir:
-        if rdir is None and ckpt_mod.latest_checkpoint(run_dir) is not None:
+    with contextlib.ExitStack() as stack:
+        rdir = stack.enter_context(backend.resume_dir())
+        if rdir is None:
             rdir = ckpt_mod.latest_checkpoint(run_dir)  # rerun with the same name: continue the run
+        if rdir is not None and storage.is_remote(rdir):
+            # every rank downloads its own copy (ranks may sit on different nodes); deleted after loading
+            rdir = (
+                stack.enter_context(ckpt_mod.local_checkpoint(rdir))
+                if ckpt_mod.is_complete(rdir, need_train_state=False)
+                else None
+            )
         if rdir is not None and ckpt_mod.is_complete(rdir, need_train_state=False):
             ckpt_mod.load_weights_into(model, rdir)
             ts = ckpt_mod.load_train_state(rdir)
@@ -417,155 +595,210 @@ def run_training(cfg: Config, backend: Backend, data_dir: str | Path, run_dir: s
         # dropout / noise streams differ per rank (after the shared init and a possible RNG restore)
         torch.manual_seed(cfg.train.seed * 1000 + rank + 7919 * state.step)
 
-    writer = MetricsWriter(run_dir, is_main)
-    image_tf_train = model.image_transform(True)
-    image_tf_eval = model.image_transform(False)
-    n_ing = len(ingredient_names)
-    data_rng = random.Random(cfg.train.seed * 7919 + rank * 104729 + state.step)  # photo pick + augmentation
+    run = RunFiles(run_dir, is_main)
+    writer = MetricsWriter(run.local, is_main)
+    try:
+        image_tf_train = model.image_transform(True)
+        image_tf_eval = model.image_transform(False)
+        n_ing = len(ingredient_names)
+        data_rng = random.Random(cfg.train.seed * 7919 + rank * 104729 + state.step)  # photo pick + augmentation
 
-    def collate_fn(rows: Rows, train: bool = True, with_images: bool = True
-                   ) -> dict[str, torch.Tensor] | None:
-        try:
-            return collate(rows, n_ingredients=n_ing,
-                           image_transform=image_tf_train if train else image_tf_eval,
-                           image_pick=cfg.train.image_pick if train else "first", rng=data_rng,
-                           with_images=with_images)
-        except Exception as e:  # a broken row must not kill a multi-day run: skip the batch, count it
-            log.warning("collate failed (%s: %s); batch skipped", type(e).__name__, e)
-            return None
+        def collate_fn(rows: Rows, train: bool = True, with_images: bool = True) -> dict[str, torch.Tensor] | None:
+            try:
+                return collate(
+                    rows,
+                    n_ingredients=n_ing,
+                    image_transform=image_tf_train if train else image_tf_eval,
+                    image_pick=cfg.train.image_pick if train else "first",
+                    rng=data_rng,
+                    with_images=with_images,
+                )
+            except Exception as e:  # a broken row must not kill a multi-day run: skip the batch, count it
+                log.warning("collate failed (%s: %s); batch skipped", type(e).__name__, e)
+                return None
 
-    main_params = [p for g in optimizers["main"].param_groups for p in g["params"]]
-    all_params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
-    bs, k_steps = cfg.train.batch_size, cfg.scaling.cache_steps
-    recipe_bs = bs * cfg.train.recipe_only_batch_mult
-    use_recipe_only = cfg.train.recipe_only_every > 0 and cfg.loss.w_recipe_ssl > 0
-    fail_marker = run_dir / ".fail_injected"
-    summary: dict[str, Any] = {}
-    t_log, samples_log = time.perf_counter(), 0
-    last_terms: dict[str, float] = {}
-    ro_terms: dict[str, float] = {}  # the last recipe-only step's terms (logged with the next paired step)
-    bad_batches = 0
+        main_params = [p for g in optimizers["main"].param_groups for p in g["params"]]
+        all_params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
+        bs, k_steps = cfg.train.batch_size, cfg.scaling.cache_steps
+        recipe_bs = bs * cfg.train.recipe_only_batch_mult
+        use_recipe_only = cfg.train.recipe_only_every > 0 and cfg.loss.w_recipe_ssl > 0
+        summary: dict[str, Any] = {}
+        t_log, samples_log = time.perf_counter(), 0
+        last_terms: dict[str, float] = {}
+        ro_terms: dict[str, float] = {}  # the last recipe-only step's terms (logged with the next paired step)
+        bad_batches = 0
 
-    while state.epoch < cfg.train.epochs:
-        epoch = state.epoch
-        freeze = epoch < cfg.optim.freeze_backbone_epochs
-        if hasattr(model, "freeze_backbone"):
-            model.freeze_backbone(freeze)
-        paired_it = backend.paired_batches(epoch, bs)
-        recipe_it = backend.recipe_batches(epoch, recipe_bs) if use_recipe_only else None
-        while state.epoch_step < steps_per_epoch:
-            # fault injection (tests): rank 0 dies once, at the start of this global step
-            if is_main and cfg.train.fail_at_step >= 0 and state.step == cfg.train.fail_at_step \
-                    and not fail_marker.exists():
-                fail_marker.parent.mkdir(parents=True, exist_ok=True)
-                fail_marker.write_text(f"failed at step {state.step}\n")
-                raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
-            progress = epoch + state.epoch_step / steps_per_epoch
-            margin = float(margin_at(cfg.loss, progress if cfg.loss.margin_per_step else float(epoch),
-                                     state.active_fraction))
-            factor = lr_factor(cfg.optim, state.step, steps_per_epoch, total_steps)
-            for opt in optimizers.values():
-                set_lr(opt, factor)
+        while state.epoch < cfg.train.epochs:
+            epoch = state.epoch
+            freeze = epoch < cfg.optim.freeze_backbone_epochs
+            if hasattr(model, "freeze_backbone"):
+                model.freeze_backbone(freeze)
+            paired_it = backend.paired_batches(epoch, bs)
+            recipe_it = backend.recipe_batches(epoch, recipe_bs) if use_recipe_only else None
+            while state.epoch_step < steps_per_epoch:
+                # fault injection (tests): rank 0 dies once, at the start of this global step
+                if (
+                    is_main
+                    and cfg.train.fail_at_step >= 0
+                    and state.step == cfg.train.fail_at_step
+                    and not run.fail_marker_exists()
+                ):
+                    run.write_fail_marker(f"failed at step {state.step}\n")
+                    raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
+                progress = epoch + state.epoch_step / steps_per_epoch
+                margin = float(
+                    margin_at(cfg.loss, progress if cfg.loss.margin_per_step else float(epoch), state.active_fraction)
+                )
+                factor = lr_factor(cfg.optim, state.step, steps_per_epoch, total_steps)
+                for opt in optimizers.values():
+                    set_lr(opt, factor)
 
-            # H-T alternation: a recipe-only batch (SSL only) before every recipe_only_every-th paired step
-            if use_recipe_only and state.epoch_step % cfg.train.recipe_only_every == 0:
-                rows = _next_synced(recipe_it, backend)
-                if rows is None:  # recipe-only rows exhausted: start another pass over them
-                    recipe_it = backend.recipe_batches(epoch * 1000 + state.epoch_step, recipe_bs)
+                # H-T alternation: a recipe-only batch (SSL only) before every recipe_only_every-th paired step
+                if use_recipe_only and state.epoch_step % cfg.train.recipe_only_every == 0:
                     rows = _next_synced(recipe_it, backend)
-                batch = collate_fn(rows, train=True, with_images=False) if rows is not None else None
-                if not any_rank(batch is None, world, device):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    for opt in optimizers.values():
-                        opt.zero_grad(set_to_none=True)
-                    ro_terms = step_fn.recipe_only_step(batch, margin)
-                    _finish_step(optimizers, main_params, all_params, ro_terms, cfg, world, device, state)
-                    state.recipe_steps += 1
+                    if rows is None:  # recipe-only rows exhausted: start another pass over them
+                        recipe_it = backend.recipe_batches(epoch * 1000 + state.epoch_step, recipe_bs)
+                        rows = _next_synced(recipe_it, backend)
+                    batch = collate_fn(rows, train=True, with_images=False) if rows is not None else None
+                    if not any_rank(batch is None, world, device):
+                        batch = {k: v.to(device) for k, v in batch.items()}
+                        for opt in optimizers.values():
+                            opt.zero_grad(set_to_none=True)
+                        ro_terms = step_fn.recipe_only_step(batch, margin)
+                        _finish_step(optimizers, main_params, all_params, ro_terms, cfg, world, device, state)
+                        state.recipe_steps += 1
 
-            mbs_rows = []
-            for _ in range(k_steps):
-                rows = _next_synced(paired_it, backend)
-                if rows is None:
+                mbs_rows = []
+                for _ in range(k_steps):
+                    rows = _next_synced(paired_it, backend)
+                    if rows is None:
+                        break
+                    mbs_rows.append(rows)
+                if len(mbs_rows) < k_steps:
+                    if is_main:
+                        log.warning(
+                            "epoch %d: data ran out after %d of %d steps", epoch, state.epoch_step, steps_per_epoch
+                        )
                     break
-                mbs_rows.append(rows)
-            if len(mbs_rows) < k_steps:
-                if is_main:
-                    log.warning("epoch %d: data ran out after %d of %d steps", epoch, state.epoch_step,
-                                steps_per_epoch)
-                break
-            mbs = [collate_fn(r, train=True) for r in mbs_rows]
-            if any_rank(any(b is None or "image" not in b for b in mbs), world, device):
-                bad_batches += 1
-                state.epoch_step += 1
+                mbs = [collate_fn(r, train=True) for r in mbs_rows]
+                if any_rank(any(b is None or "image" not in b for b in mbs), world, device):
+                    bad_batches += 1
+                    state.epoch_step += 1
+                    state.step += 1
+                    continue
+                mbs = [{k: v.to(device) for k, v in b.items()} for b in mbs]
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                terms = step_fn.paired_step(mbs, margin)
+                ok = _finish_step(optimizers, main_params, all_params, terms, cfg, world, device, state)
+                if ok and "active_fraction" in terms:
+                    state.active_fraction = float(terms["active_fraction"])
+                last_terms = terms
+                n_global = bs * k_steps * world
+                state.samples_seen += n_global
+                samples_log += n_global
                 state.step += 1
-                continue
-            mbs = [{k: v.to(device) for k, v in b.items()} for b in mbs]
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            terms = step_fn.paired_step(mbs, margin)
-            ok = _finish_step(optimizers, main_params, all_params, terms, cfg, world, device, state)
-            if ok and "active_fraction" in terms:
-                state.active_fraction = float(terms["active_fraction"])
-            last_terms = terms
-            n_global = bs * k_steps * world
-            state.samples_seen += n_global
-            samples_log += n_global
-            state.step += 1
-            state.epoch_step += 1
+                state.epoch_step += 1
 
-            if is_main and (state.step % cfg.train.log_every == 0 or state.epoch_step == steps_per_epoch):
-                dt = time.perf_counter() - t_log
-                rec = {"kind": "train", "epoch": epoch, "step": state.step,
-                       "progress": round(epoch + state.epoch_step / steps_per_epoch, 4),
-                       "samples_per_s": samples_log / max(dt, 1e-9), "lr": cfg.optim.lr * factor,
-                       "margin": margin, "skipped_steps": state.skipped_steps, "bad_batches": bad_batches}
-                rec.update({f"loss/{k}": float(v) for k, v in {**terms, **ro_terms}.items()
-                            if k != "active_fraction"})
-                rec["active_fraction"] = float(terms.get("active_fraction", float("nan")))
+                if is_main and (state.step % cfg.train.log_every == 0 or state.epoch_step == steps_per_epoch):
+                    dt = time.perf_counter() - t_log
+                    rec = {
+                        "kind": "train",
+                        "epoch": epoch,
+                        "step": state.step,
+                        "progress": round(epoch + state.epoch_step / steps_per_epoch, 4),
+                        "samples_per_s": samples_log / max(dt, 1e-9),
+                        "lr": cfg.optim.lr * factor,
+                        "margin": margin,
+                        "skipped_steps": state.skipped_steps,
+                        "bad_batches": bad_batches,
+                    }
+                    rec.update(
+                        {f"loss/{k}": float(v) for k, v in {**terms, **ro_terms}.items() if k != "active_fraction"}
+                    )
+                    rec["active_fraction"] = float(terms.get("active_fraction", float("nan")))
+                    writer.write(rec)
+                    run.publish_metrics(force=False)
+                    log.info(
+                        "epoch %d step %d (%d/%d) %.1f samples/s lr %.2e margin %.3f | %s",
+                        epoch,
+                        state.step,
+                        state.epoch_step,
+                        steps_per_epoch,
+                        rec["samples_per_s"],
+                        rec["lr"],
+                        margin,
+                        " ".join(f"{k} {float(v):.4f}" for k, v in terms.items()),
+                    )
+                    t_log, samples_log = time.perf_counter(), 0
+
+                if (
+                    cfg.train.ckpt_every_steps
+                    and state.step % cfg.train.ckpt_every_steps == 0
+                    and state.epoch_step < steps_per_epoch
+                ):
+                    d = _save(model, cfg, vocab_tokens, ingredient_names, optimizers, state, run.local, is_main)
+                    if d is not None:
+                        run.publish_metrics()
+                        run.publish_checkpoint(d, "last")
+                    backend.report({"epoch": epoch, "step": state.step, "margin": margin}, d)
+
+            # -- epoch end: validation, checkpoints ------------------------------------------------------------
+            state.epoch += 1
+            state.epoch_step = 0
+            val: dict[str, float] = {}
+            if is_main:
+                val = validate(model, backend, cfg, collate_fn, amp_dtype)
+                r1 = val.get("val/R@1", -1.0)
+                improved = r1 > state.best_val_r1
+                if improved:
+                    state.best_val_r1, state.best_epoch = r1, epoch
+                rec = {"kind": "val", "epoch": epoch, "step": state.step, **val, "best_val_R@1": state.best_val_r1}
                 writer.write(rec)
-                log.info("epoch %d step %d (%d/%d) %.1f samples/s lr %.2e margin %.3f | %s", epoch,
-                         state.step,
-                         state.epoch_step, steps_per_epoch, rec["samples_per_s"], rec["lr"], margin,
-                         " ".join(f"{k} {float(v):.4f}" for k, v in terms.items()))
-                t_log, samples_log = time.perf_counter(), 0
-
-            if cfg.train.ckpt_every_steps and state.step % cfg.train.ckpt_every_steps == 0 \
-                    and state.epoch_step < steps_per_epoch:
-                d = _save(model, cfg, vocab_tokens, ingredient_names, optimizers, state, run_dir, is_main)
-                backend.report({"epoch": epoch, "step": state.step, "margin": margin}, d)
-
-        # -- epoch end: validation, checkpoints ------------------------------------------------------------
-        state.epoch += 1
-        state.epoch_step = 0
-        val: dict[str, float] = {}
-        if is_main:
-            val = validate(model, backend, cfg, collate_fn, amp_dtype)
-            r1 = val.get("val/R@1", -1.0)
-            improved = r1 > state.best_val_r1
-            if improved:
-                state.best_val_r1, state.best_epoch = r1, epoch
-            rec = {"kind": "val", "epoch": epoch, "step": state.step, **val,
-                   "best_val_R@1": state.best_val_r1}
-            writer.write(rec)
-            log.info("epoch %d done: %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in val.items()))
-        d = _save(model, cfg, vocab_tokens, ingredient_names, optimizers, state, run_dir, is_main)
-        if is_main and state.best_epoch == epoch and d is not None:
-            ckpt_mod.copy_checkpoint(d, run_dir / "checkpoints" / "best")
-        margin_now = float(margin_at(cfg.loss, float(state.epoch), state.active_fraction))
-        summary = {"epoch": epoch, "step": state.step, "margin": margin_now,
-                   "skipped_steps": state.skipped_steps, "best_val_R@1": state.best_val_r1,
-                   **{f"loss/{k}": float(v) for k, v in last_terms.items()}, **val}
-        backend.report(summary, d)
-
-    writer.close()
-    summary.update({"final_step": state.step, "final_epoch": state.epoch, "steps_per_epoch": steps_per_epoch,
-                    "loop_state": asdict(state)})
+                log.info("epoch %d done: %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+            d = _save(model, cfg, vocab_tokens, ingredient_names, optimizers, state, run.local, is_main)
+            if d is not None:
+                run.publish_epoch()  # before the checkpoints: a crash in between duplicates records, loses none
+                run.publish_checkpoint(d, "last")
+                if state.best_epoch == epoch:
+                    run.publish_checkpoint(d, "best")
+            margin_now = float(margin_at(cfg.loss, float(state.epoch), state.active_fraction))
+            summary = {
+                "epoch": epoch,
+                "step": state.step,
+                "margin": margin_now,
+                "skipped_steps": state.skipped_steps,
+                "best_val_R@1": state.best_val_r1,
+                **{f"loss/{k}": float(v) for k, v in last_terms.items()},
+                **val,
+            }
+            backend.report(summary, d)
+    finally:
+        try:
+            writer.close()
+        finally:
+            run.close()
+    summary.update(
+        {
+            "final_step": state.step,
+            "final_epoch": state.epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "loop_state": asdict(state),
+        }
+    )
     return summary
 
 
-def _finish_step(optimizers: dict[str, torch.optim.Optimizer], main_params, all_params,
-                 terms: dict[str, float],
-                 cfg: Config, world: int, device: torch.device, state: LoopState) -> bool:
+def _finish_step(
+    optimizers: dict[str, torch.optim.Optimizer],
+    main_params,
+    all_params,
+    terms: dict[str, float],
+    cfg: Config,
+    world: int,
+    device: torch.device,
+    state: LoopState,
+) -> bool:
     """All-reduce gradients, skip non-finite steps on every rank together, clip, step. True if stepped."""
     all_reduce_grads(all_params, world)
     bad = not all(math.isfinite(float(v)) for v in terms.values())
@@ -575,8 +808,7 @@ def _finish_step(optimizers: dict[str, torch.optim.Optimizer], main_params, all_
         state.skipped_steps += 1
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", state.step,
-                    state.skipped_steps)
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", state.step, state.skipped_steps)
         return False
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(main_params, cfg.optim.grad_clip)
@@ -585,9 +817,18 @@ def _finish_step(optimizers: dict[str, torch.optim.Optimizer], main_params, all_
     return True
 
 
-def _save(model, cfg: Config, vocab_tokens, ingredient_names, optimizers, state: LoopState, run_dir: Path,
-          is_main: bool) -> Path | None:
-    if not is_main:
+def _save(
+    model,
+    cfg: Config,
+    vocab_tokens,
+    ingredient_names,
+    optimizers,
+    state: LoopState,
+    run_dir: Path | None,
+    is_main: bool,
+) -> Path | None:
+    """Rank 0: write ``run_dir/checkpoints/last`` (a local folder: the run dir or a remote run's staging)."""
+    if not is_main or run_dir is None:
         return None
     ts = {
         "loop": asdict(state),
@@ -596,5 +837,4 @@ def _save(model, cfg: Config, vocab_tokens, ingredient_names, optimizers, state:
         "config": cfg.to_dict(),
         "saved_at": time.time(),
     }
-    return ckpt_mod.save_checkpoint(run_dir / "checkpoints" / "last", model, cfg, vocab_tokens,
-                                    ingredient_names, ts)
+    return ckpt_mod.save_checkpoint(run_dir / "checkpoints" / "last", model, cfg, vocab_tokens, ingredient_names, ts)

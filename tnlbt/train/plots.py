@@ -3,24 +3,32 @@
 Reads ``RUN/metrics.jsonl`` written by the training loop: one JSON object per line with ``kind`` = ``train``
 (rank-0 step summaries: ``loss/<term>``, ``margin``, ``lr``, ``samples_per_s``) or ``val`` (epoch-end
 ``val/R@1``, ``val/medR``, ...). Malformed lines are skipped and counted.
+
+The run directory may be a remote URI (``tnlbt plot s3://bucket/runs/RUN``): ``metrics.jsonl`` is read and the
+PNG written through :mod:`tnlbt.storage` (rendered in memory, uploaded as one object).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
+
+from tnlbt import storage
 
 log = logging.getLogger(__name__)
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """Records of a ``metrics.jsonl`` and the number of lines that could not be parsed."""
+    """Records of a ``metrics.jsonl`` (local path or URI) and the number of lines that could not be parsed."""
     records: list[dict[str, Any]] = []
     bad = 0
-    for line in Path(path).read_text().splitlines():
+    text = Path(path).read_text() if storage.scheme(path) == "" else storage.read_text(path)
+    for line in text.splitlines():
         line = line.strip()
         if not line:
             continue
@@ -36,16 +44,27 @@ def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     return records, bad
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the curves of a run to ``out`` (default ``RUN/curves.png``) and return the path."""
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | str:
+    """Write the curves of a run to ``out`` (default ``RUN/curves.png``) and return the path.
+
+    ``run_dir`` and ``out`` may be URIs; the return value is then the URI string.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on servers / CI
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    mpath = run_dir / "metrics.jsonl"
-    if not mpath.exists():
+    remote_run = storage.scheme(run_dir) != ""
+    if remote_run:
+        mpath: str | Path = storage.join(os.fspath(run_dir), "metrics.jsonl")
+        found = storage.exists(mpath)
+        name = os.fspath(run_dir).rstrip("/").rsplit("/", 1)[-1]
+    else:
+        run_dir = Path(run_dir)
+        mpath = run_dir / "metrics.jsonl"
+        found = mpath.exists()
+        name = run_dir.name
+    if not found:
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir} (is it a training run directory?)")
     records, bad = read_metrics(mpath)
     if bad:
@@ -67,13 +86,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.legend(fontsize=7)
 
     ax = axes[0][1]
-    ax.plot([r["step"] for r in train if "margin" in r], [r["margin"] for r in train if "margin" in r],
-            label="margin")
+    ax.plot([r["step"] for r in train if "margin" in r], [r["margin"] for r in train if "margin" in r], label="margin")
     ax.set_title("margin and lr")
     ax.set_xlabel("step")
     ax2 = ax.twinx()
-    ax2.plot([r["step"] for r in train if "lr" in r], [r["lr"] for r in train if "lr" in r],
-             color="tab:orange", label="lr")
+    ax2.plot(
+        [r["step"] for r in train if "lr" in r], [r["lr"] for r in train if "lr" in r], color="tab:orange", label="lr"
+    )
     ax.legend(loc="upper left", fontsize=7)
     ax2.legend(loc="upper right", fontsize=7)
 
@@ -93,10 +112,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_title("validation medR (lower is better)")
     ax.set_xlabel("epoch")
 
-    fig.suptitle(f"{run_dir.name}: {len(train)} step records, {len(val)} val records")
+    fig.suptitle(f"{name}: {len(train)} step records, {len(val)} val records")
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
+    if out is None:
+        out = storage.join(os.fspath(run_dir), "curves.png") if remote_run else run_dir / "curves.png"
+    if storage.scheme(out) == "":
+        out = Path(out)
+        fig.savefig(out, dpi=100)
+    else:
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=100, format="png")
+        out = os.fspath(out)
+        storage.write_bytes(out, buf.getvalue())
     plt.close(fig)
     return out
 

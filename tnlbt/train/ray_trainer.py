@@ -24,6 +24,14 @@ dead
   with the same ``RunConfig(name, storage_path)`` (same ``--name``) continues a finished or crashed run.
   ``storage_path`` is the absolute ``train.runs_dir`` and ``name`` the run name, so Ray's experiment folder
   *is* our run directory ``{runs_dir}/{run_name}``.
+* Remote storage: ``data.processed_dir`` and ``train.runs_dir`` may be URIs (``s3://bucket/prefix``; see
+  :mod:`tnlbt.storage`). Ray Data reads the Parquet parts with the filesystem :func:`tnlbt.storage.ray_storage`
+  picks (Ray resolves ``s3://``/``gs://`` itself on each node; other schemes travel as a pickled filesystem),
+  and ``RunConfig(storage_path=, storage_filesystem=)`` comes from the same function, so Ray's experiment
+  folder is still ``{runs_dir}/{run_name}``. Rank 0 stages and publishes the run's own files
+  (:class:`tnlbt.train.loop.RunFiles`). ``TNLBT_STORAGE_ROUTES`` (an object store on disk standing in for
+  S3 in tests) is forwarded to the workers' environment, because a Ray cluster started before it was set
+  would not route the scheme otherwise.
 """
 
 from __future__ import annotations
@@ -38,8 +46,9 @@ from typing import Any
 
 import torch
 
+from tnlbt import storage
 from tnlbt.config import Config
-from tnlbt.train.loop import TRAIN_COLUMNS, LocalBackend, Rows, count_rows, run_training
+from tnlbt.train.loop import TRAIN_COLUMNS, LocalBackend, Rows, count_rows, run_training, split_parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +77,14 @@ class RayBackend:
 
     @staticmethod
     def _rows(it, batch_size: int, shuffle: int | None, seed: int | None) -> Iterator[Rows]:
-        for table in it.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
-                                     local_shuffle_buffer_size=shuffle, local_shuffle_seed=seed,
-                                     prefetch_batches=1):
+        for table in it.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=shuffle,
+            local_shuffle_seed=seed,
+            prefetch_batches=1,
+        ):
             yield table.to_pylist()
 
     def paired_batches(self, epoch: int, batch_size: int) -> Iterator[Rows]:
@@ -82,20 +96,22 @@ class RayBackend:
         return self._rows(self._recipe, batch_size, self._shuffle, None)
 
     def val_batches(self, batch_size: int) -> Iterator[Rows]:
-        for table in self._val.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                            prefetch_batches=1):
+        for table in self._val.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=1):
             yield table.to_pylist()
 
     @contextlib.contextmanager
-    def resume_dir(self) -> Iterator[Path | None]:
+    def resume_dir(self) -> Iterator[Path | str | None]:
         import ray.train
 
         ck = ray.train.get_checkpoint()  # set after a worker restart or a rerun with the same name
         if ck is not None:
-            with ck.as_directory() as d:
+            with ck.as_directory() as d:  # a remote storage_path: Ray downloads it here
                 yield Path(d)
             return
-        yield Path(self._resume) if self._resume else None
+        if not self._resume:
+            yield None
+        else:  # an explicit --resume URI stays a string; the loop downloads it
+            yield self._resume if storage.is_remote(self._resume) else Path(self._resume)
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         import ray.train
@@ -107,8 +123,9 @@ class RayBackend:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point of each Ray Train worker (config crosses as plain dicts, rebuilt at once)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     cfg = Config.from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
     backend = RayBackend(cfg.train.shuffle_buffer, config.get("resume"), cfg.train.seed)
@@ -116,12 +133,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- driver side ---------------------------------------------------------------------------------------------
-def run_dir_for(cfg: Config) -> Path:
+def run_dir_for(cfg: Config) -> Path | str:
+    """``{runs_dir}/{run_name}``: an absolute local Path, or a URI string for a remote ``train.runs_dir``."""
+    if storage.is_remote(cfg.train.runs_dir):
+        return storage.join(cfg.train.runs_dir.rstrip("/"), cfg.train.run_name)
+    if storage.scheme(cfg.train.runs_dir):  # file:// URI
+        return Path(storage.local_path(cfg.train.runs_dir) or cfg.train.runs_dir, cfg.train.run_name).resolve()
     return (Path(cfg.train.runs_dir).expanduser() / cfg.train.run_name).resolve()
 
 
-def build_datasets(data_dir: Path, shuffle_blocks: bool = True) -> dict[str, Any]:
-    """Ray Data datasets: ``train`` (paired), ``train_recipe`` (recipe-only), ``val`` (paired)."""
+def _norm_data_dir(data_dir: str | Path) -> Path | str:
+    """An absolute local Path (as before), or the URI of a remote processed folder."""
+    if storage.is_remote(data_dir):
+        return os.fspath(data_dir).rstrip("/")
+    return Path(storage.local_path(data_dir) or data_dir).resolve()
+
+
+def _write_config(cfg: Config, run_dir: Path | str) -> None:
+    if isinstance(run_dir, Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(run_dir / "config.json")
+    else:
+        storage.write_text(storage.join(run_dir, "config.json"), cfg.to_json() + "\n")
+
+
+def build_datasets(data_dir: Path | str, shuffle_blocks: bool = True) -> dict[str, Any]:
+    """Ray Data datasets: ``train`` (paired), ``train_recipe`` (recipe-only), ``val`` (paired).
+
+    ``data_dir`` may be a URI: the part files are listed here and handed to ``read_parquet`` as
+    :func:`tnlbt.storage.ray_storage` says (URIs Ray resolves on each node, else paths plus a filesystem).
+    """
     import pyarrow.compute as pc
     import ray.data
 
@@ -132,13 +173,17 @@ def build_datasets(data_dir: Path, shuffle_blocks: bool = True) -> dict[str, Any
         return t.filter(~pc.field("has_image"))
 
     def read(split: str):
-        files = sorted(str(p) for p in (data_dir / split).glob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"no Parquet files in {data_dir / split} (run `tnlbt preprocess` first)")
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(files[0]).names
-        return ray.data.read_parquet(files, columns=[c for c in TRAIN_COLUMNS if c in names])
+        split_uri = storage.join(os.fspath(data_dir), split)
+        fs, inner = split_parquet_files(split_uri)
+        names = pq.read_schema(inner[0], filesystem=fs).names
+        columns = [c for c in TRAIN_COLUMNS if c in names]
+        if not storage.is_remote(split_uri):
+            return ray.data.read_parquet(inner, columns=columns)
+        # file URIs in listing order; ray_storage says whether Ray resolves them or needs the filesystem
+        pairs = [storage.ray_storage(storage.join(split_uri, p.rsplit("/", 1)[-1])) for p in inner]
+        return ray.data.read_parquet([p for p, _ in pairs], columns=columns, filesystem=pairs[0][1])
 
     train = read("train")
     if shuffle_blocks:
@@ -171,48 +216,70 @@ def fit(cfg: Config, data_dir: str | Path, resume: str | None = None) -> dict[st
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    data_dir = Path(data_dir).resolve()
+    data_dir = _norm_data_dir(data_dir)
     run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.to_json(run_dir / "config.json")
-    n_paired, n_recipe = count_rows(data_dir / "train")
+    _write_config(cfg, run_dir)
+    n_paired, n_recipe = count_rows(storage.join(os.fspath(data_dir), "train"))
     _ensure_ray(cfg)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     threads = max(1, round(sc.cpus_per_worker))  # intra-op threads per worker: its CPU share
+    if isinstance(run_dir, Path):
+        storage_path, storage_fs = str(run_dir.parent), None
+    else:
+        storage_path, storage_fs = storage.ray_storage(cfg.train.runs_dir.rstrip("/"))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(data_dir), "run_dir": str(run_dir),
-                           "resume": str(Path(resume).resolve()) if resume else None, "n_paired": n_paired,
-                           "torch_threads": threads},
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                     resources_per_worker=resources),
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "data_dir": str(data_dir),
+            "run_dir": str(run_dir),
+            "resume": _norm_resume(resume),
+            "n_paired": n_paired,
+            "torch_threads": threads,
+        },
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.train.run_name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env=storage.ray_runtime_env() or None,  # the routes, for a Ray started earlier
         ),
         datasets=build_datasets(data_dir),
         dataset_config=DataConfig(datasets_to_split=["train", "train_recipe"]),
     )
-    log.info("training %s: %d paired + %d recipe-only train rows, %d workers, global batch %d", run_dir,
-             n_paired, n_recipe, sc.num_workers, cfg.train.batch_size * sc.num_workers * sc.cache_steps)
+    log.info(
+        "training %s: %d paired + %d recipe-only train rows, %d workers, global batch %d",
+        run_dir,
+        n_paired,
+        n_recipe,
+        sc.num_workers,
+        cfg.train.batch_size * sc.num_workers * sc.cache_steps,
+    )
     result = trainer.fit()
     out = result.return_value if getattr(result, "return_value", None) else (result.metrics or {})
     return dict(out or {})
 
 
+def _norm_resume(resume: str | Path | None) -> str | None:
+    if not resume:
+        return None
+    if storage.is_remote(resume):
+        return os.fspath(resume).rstrip("/")
+    return str(Path(storage.local_path(resume) or resume).resolve())
+
+
 def fit_local(cfg: Config, data_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
     """The same loop in this process, without Ray (one worker)."""
-    data_dir = Path(data_dir).resolve()
+    data_dir = _norm_data_dir(data_dir)
     run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.to_json(run_dir / "config.json")
+    _write_config(cfg, run_dir)
     device = torch.device("cuda" if (cfg.scaling.use_gpu and torch.cuda.is_available()) else "cpu")
-    backend = LocalBackend(data_dir, cfg.train.seed, resume, device)
+    backend = LocalBackend(data_dir, cfg.train.seed, _norm_resume(resume), device)
     return run_training(cfg, backend, data_dir, run_dir)
 
 
@@ -223,10 +290,10 @@ def cli_train(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"data.processed_dir={args.data}")
     cfg = Config.load(args.config, overrides)
-    data_dir = Path(cfg.data.processed_dir)
-    if not (data_dir / "train").is_dir():
+    data_dir = cfg.data.processed_dir
+    if not storage.isdir(storage.join(data_dir, "train")):
         raise FileNotFoundError(f"{data_dir}/train not found: run `tnlbt preprocess --out {data_dir}` first")
-    if args.resume and not Path(args.resume).is_dir():
+    if args.resume and not storage.isdir(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint directory")
     summary = fit_local(cfg, data_dir, args.resume) if args.no_ray else fit(cfg, data_dir, args.resume)
     keys = ("final_epoch", "final_step", "best_val_R@1", "val/R@1", "val/medR", "skipped_steps")
