@@ -23,6 +23,7 @@ from json import dumps as json_dumps
 from json import loads as json_loads
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -351,13 +352,24 @@ def test_manifest_checker_catches_mistakes():
             image="rayproject/ray:2.9.0-py311"
         ),
         "apiVersion": lambda d: d.update(apiVersion="ray.io/v1alpha1"),
-        "no such volume": lambda d: d["spec"]["headGroupSpec"]["template"]["spec"].pop("volumes"),
+        # A mount of a volume the pod does not declare: one added to the head, and the training group's
+        # /dev/shm after its volume is dropped.
+        "'nope': no such volume": lambda d: (
+            d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+            .setdefault("volumeMounts", [])
+            .append({"name": "nope", "mountPath": "/nope"})
+        ),
+        "'dshm': no such volume": lambda d: _group(d["spec"], "gpu-train")["template"]["spec"].pop("volumes"),
     }
     for needle, mutate in cases.items():
         bad = copy.deepcopy(good)
         mutate(bad)
         errors = check_manifest(bad)
         assert any(needle in e for e in errors), (needle, errors)
+
+
+def _group(cluster_spec: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(g for g in cluster_spec["workerGroupSpecs"] if g["groupName"] == name)
 
 
 # -- RayJobs: the commands are real tnlbt commands ------------------------------------------------------
@@ -388,7 +400,7 @@ def test_rayjob_config_overrides_validate(stage):
     cfg = Config.load(preset, args.overrides)  # raises ConfigError on a typo in section.key
     if stage == "train":
         assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 8
-        assert cfg.train.runs_dir.startswith(("s3://", "gs://", "/mnt/shared/"))
+        assert cfg.train.runs_dir.startswith(("s3://", "gs://")), cfg.train.runs_dir
 
 
 def test_rayjob_runtime_env_matches_shared_runtime_env():
@@ -482,9 +494,9 @@ def test_rayservice_serve_config_equals_serve_config_yaml():
         "cluster/kuberay/rayservice.yaml serveConfigV2 differs from serve/config.yaml beyond "
         f"{sorted(_ENV_ARGS)}; copy serve/config.yaml's applications into it"
     )
-    # The cluster values point at shared storage and the in-cluster Qdrant, not at a laptop's folders.
+    # The cluster values point at the bucket and the in-cluster Qdrant, not at a laptop's folders.
     for app in ours["applications"]:
-        assert str(app["args"]["run"]).startswith("/mnt/shared/"), app["name"]
+        assert str(app["args"]["run"]).startswith("s3://"), app["name"]
         if "qdrant_url" in app["args"]:
             assert str(app["args"]["qdrant_url"]).startswith("http://qdrant."), app["name"]
 
@@ -497,6 +509,137 @@ def test_serve_config_comparison_can_fail():
     changed = copy.deepcopy(ours)
     changed[0]["args"]["run"] = "/elsewhere"  # a per-environment value: allowed to differ
     assert _strip_env_args(changed) == _strip_env_args(ours)
+
+
+# -- storage: the bucket, never a shared volume ------------------------------------------------------------
+# argparse destinations of the tnlbt commands that name a file or folder, and config keys that do.
+_PATH_DESTS = ("data", "images", "out", "run", "resume", "qdrant_path")
+_PATH_KEYS = ("data.raw_dir", "data.image_root", "data.processed_dir", "train.runs_dir")
+
+
+def _path_args(entrypoint: str) -> dict[str, str]:
+    """The path arguments of a ``tnlbt`` command line (flags and ``section.key=value`` overrides)."""
+    from tnlbt.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(entrypoint)[1:])
+    out = {d: getattr(args, d) for d in _PATH_DESTS if getattr(args, d, None)}
+    for item in getattr(args, "overrides", None) or []:
+        key, _, value = item.partition("=")
+        if key in _PATH_KEYS:
+            out[key] = value
+    return out
+
+
+def _bucket_layout() -> dict[str, str]:
+    """TNLBT_RAW / TNLBT_PROCESSED / TNLBT_RUNS of ray_cluster.yaml: the layout every manifest must use."""
+    opts = _load(ROOT / "ray_cluster.yaml")["docker"]["run_options"]
+    return dict(re.findall(r"-e (TNLBT_\w+)=(\S+)", " ".join(opts)))
+
+
+def test_no_manifest_uses_a_shared_volume():
+    """Every stage reads and writes the bucket: no /mnt/shared paths and no PersistentVolumeClaim left."""
+    texts = {p.name: p.read_text() for p in sorted(KUBERAY.glob("*.yaml"))}
+    texts["ray_cluster.yaml"] = (ROOT / "ray_cluster.yaml").read_text()
+    for name, text in texts.items():
+        assert "/mnt/shared" not in text, name
+        assert "persistentvolumeclaim" not in text.lower(), name
+    for name, doc in MANIFESTS.items():
+        found = [k for k in _keys(doc) if k in ("persistentVolumeClaim", "nfs", "hostPath")]
+        assert not found, (name, found)
+
+
+def _keys(x: Any) -> list[str]:
+    """Every mapping key anywhere in a parsed YAML document."""
+    if isinstance(x, dict):
+        return [*x, *(k for v in x.values() for k in _keys(v))]
+    if isinstance(x, list):
+        return [k for v in x for k in _keys(v)]
+    return []
+
+
+def test_every_tnlbt_path_in_the_manifests_is_an_s3_uri():
+    layout = _bucket_layout()
+    assert set(layout) >= {"TNLBT_RAW", "TNLBT_PROCESSED", "TNLBT_RUNS"}, layout
+    bucket = {urlsplit(u).netloc for k, u in layout.items() if k.startswith("TNLBT_")}
+    assert len(bucket) == 1, layout
+    (bucket,) = bucket
+    paths = {stage: _path_args(job["spec"]["entrypoint"]) for stage, job in _jobs().items()}
+    service = yaml.safe_load(_service()["spec"]["serveConfigV2"])["applications"]
+    for app in service:
+        assert not app["args"].get("qdrant_path"), "an embedded store cannot be shared between pods"
+        paths[f"rayservice:{app['name']}"] = {"run": app["args"]["run"]}
+    for where, args in paths.items():
+        assert args, f"{where}: no path arguments found"
+        for key, value in args.items():
+            assert value.startswith("s3://"), f"{where}: {key}={value!r} is not an s3:// URI"
+            assert urlsplit(value).netloc == bucket, f"{where}: {key}={value!r} not in s3://{bucket}"
+    # The stages chain: preprocess writes what train reads, the service serves the run that index loaded into
+    # the Qdrant server (--qdrant-url, no embedded store), which is the run train wrote.
+    pre, train, index = paths["preprocess"], paths["train"], paths["index"]
+    assert pre["data"] == layout["TNLBT_RAW"] and pre["out"] == layout["TNLBT_PROCESSED"]
+    # The photos too: without --images, preprocess takes the preset's data.image_root before DATA/images.
+    images = pre.get("images") or _preset_data("preprocess").image_root or f"{pre['data']}/images"
+    assert images.startswith(f"s3://{bucket}/"), f"preprocess would read photos from {images!r}"
+    assert train["data"] == pre["out"] and train["train.runs_dir"] == layout["TNLBT_RUNS"]
+    name = shlex.split(_jobs()["train"]["spec"]["entrypoint"])
+    run = f"{train['train.runs_dir'].rstrip('/')}/{name[name.index('--name') + 1]}"
+    assert index["run"] == run
+    assert "--qdrant-url" in _jobs()["index"]["spec"]["entrypoint"]
+    for app in service:
+        assert app["args"]["run"] == run, app["name"]
+
+
+def _preset_data(stage: str) -> Any:
+    from tnlbt.cli import build_parser
+    from tnlbt.config import Config
+
+    args = build_parser().parse_args(shlex.split(_jobs()[stage]["spec"]["entrypoint"])[1:])
+    return Config.load(args.config, args.overrides).data
+
+
+def test_path_check_finds_local_paths():
+    """The helper above must see a path wherever the commands take one (a no-op would pass anything)."""
+    got = _path_args(
+        "tnlbt train --config recipe1m_vit_b16 --data /mnt/shared/p --resume runs/x/checkpoints/last "
+        "train.runs_dir=/mnt/shared/runs data.image_root=/img train.epochs=3"
+    )
+    assert got == {
+        "data": "/mnt/shared/p",
+        "resume": "runs/x/checkpoints/last",
+        "train.runs_dir": "/mnt/shared/runs",
+        "data.image_root": "/img",
+    }
+    assert _path_args("tnlbt index --run s3://b/runs/r --qdrant-path /tmp/q") == {
+        "run": "s3://b/runs/r",
+        "qdrant_path": "/tmp/q",
+    }
+    assert _path_args("tnlbt preprocess --data s3://b/raw --images s3://b/img --out s3://b/p") == {
+        "data": "s3://b/raw",
+        "images": "s3://b/img",
+        "out": "s3://b/p",
+    }
+
+
+def test_rayservice_cache_dir_is_an_emptydir_in_every_pod():
+    """The app builder passes its TNLBT_CACHE_DIR on to the replicas, so every pod of the serving cluster must
+    have the same value, backed by a mounted volume (checkpoints fetched from the bucket land there)."""
+    spec = _service()["spec"]["rayClusterConfig"]
+    pods = [("head", spec["headGroupSpec"]["template"])]
+    pods += [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    values = set()
+    for where, tpl in pods:
+        volumes = {v["name"]: v for v in tpl["spec"].get("volumes") or []}
+        for c in tpl["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env") or []}
+            cache = env.get("TNLBT_CACHE_DIR")
+            assert cache, f"{where}: TNLBT_CACHE_DIR not set"
+            values.add(cache)
+            mounts = [
+                m for m in c.get("volumeMounts") or [] if (cache + "/").startswith(m["mountPath"].rstrip("/") + "/")
+            ]
+            assert mounts, f"{where}: nothing mounted at {cache}"
+            assert "emptyDir" in volumes[mounts[0]["name"]], f"{where}: {cache} is not an emptyDir"
+    assert len(values) == 1, values
 
 
 # -- images, Dockerfile, Qdrant -------------------------------------------------------------------------
