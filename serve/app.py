@@ -42,11 +42,13 @@ def _f(args: dict[str, Any], key: str, default: Any) -> Any:
     return default if v in (None, "") else type(default)(v) if default is not None else v
 
 
-def _actor_options(num_cpus: float) -> dict[str, Any]:
+def _actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
     """``ray_actor_options`` with the driver's storage environment forwarded (nothing extra when unset)."""
     from tnlbt.index.embed import worker_runtime_env
 
     opts: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus > 0:
+        opts["num_gpus"] = num_gpus
     renv = worker_runtime_env()
     if renv:
         opts["runtime_env"] = renv
@@ -68,20 +70,24 @@ def build_app(args: dict[str, Any]) -> Any:
     max_rep = _f(args, "max_replicas", 2)
     text_batch, image_batch = _f(args, "text_batch", 16), _f(args, "image_batch", 8)
     threads = _f(args, "num_threads", 0)
+    # GPU share per encoder replica (0 = CPU). 0.5 puts one text and one image encoder replica on one GPU; the
+    # index, the API and the UI stay on CPUs.
+    gpus = _f(args, "gpus", 0.0)
+    device = "cuda" if gpus > 0 else "cpu"
 
     def auto(target: int) -> dict[str, Any]:
         return {"min_replicas": 1, "max_replicas": max_rep, "target_ongoing_requests": target}
 
     text = TextEncoder.options(
-        ray_actor_options=_actor_options(cpus),
+        ray_actor_options=_actor_options(cpus, gpus),
         autoscaling_config=auto(max(2, text_batch // 2)),
         max_ongoing_requests=max(2 * text_batch, 8),  # >= batch size, or a batch never fills
-    ).bind(ckpt, max_batch_size=text_batch, num_threads=threads)
+    ).bind(ckpt, max_batch_size=text_batch, num_threads=threads, device=device)
     image = ImageEncoder.options(
-        ray_actor_options=_actor_options(cpus),
+        ray_actor_options=_actor_options(cpus, gpus),
         autoscaling_config=auto(max(2, image_batch // 2)),
         max_ongoing_requests=max(2 * image_batch, 8),
-    ).bind(ckpt, max_batch_size=image_batch, num_threads=threads)
+    ).bind(ckpt, max_batch_size=image_batch, num_threads=threads, device=device)
     qdrant_url = args.get("qdrant_url") or None
     index = SearchIndex.options(
         # An embedded store (a folder) is locked by one process: exactly one replica. A server scales out.
@@ -206,11 +212,30 @@ def build_ui_app(args: dict[str, Any]) -> Any:
     run = args.get("run")
     if not run:
         raise ValueError("serve: args.run (the run directory) is required")
-    examples = load_examples(run, _f(args, "examples", 4))
+    # Example photos and the curves PNG travel as bytes: the replica may run on another node than this
+    # builder (which Serve may place on the head), so paths into this machine's cache would not exist there.
+    examples = portable_files(load_examples(run, _f(args, "examples", 4)))
+    card = portable_files(load_model_card(run))
     cpus = _f(args, "cpus", 0.0) or default_replica_cpus()
     return GradioUI.options(ray_actor_options=_actor_options(min(cpus, 0.5))).bind(
-        api_app=args.get("api_app") or API_APP, model_card=load_model_card(run), examples=examples
+        api_app=args.get("api_app") or API_APP, model_card=card, examples=examples
     )
+
+
+def portable_files(d: dict[str, Any]) -> dict[str, Any]:
+    """Replace the local file paths in a UI examples / model-card dict with ``{"name", "data"}`` (bytes).
+
+    ``examples["images"]`` (a list of paths) and ``card["curves"]`` (a path or None) are the file fields; the
+    deployment turns them back into files on its own node with :func:`serve.deployments.local_files`.
+    """
+    out = dict(d)
+    if out.get("images"):
+        out["images"] = [{"name": Path(p).name, "data": Path(p).read_bytes()} for p in out["images"]
+                         if Path(p).is_file()]
+    if out.get("curves"):
+        p = Path(out["curves"])
+        out["curves"] = {"name": p.name, "data": p.read_bytes()} if p.is_file() else None
+    return out
 
 
 def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ui: bool = True) -> dict[str, str]:
@@ -258,12 +283,12 @@ def serve_until_interrupted(
     app_args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 120.0
 ) -> int:
     """Start Ray (if needed), the API and the UI; print the URLs and block until Ctrl-C."""
-    import ray
 
     patient_serve_env()
-    if not ray.is_initialized():
-        # Logical CPUs at least 4: the app's five deployments must all be scheduled on a 2-core laptop.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    from tnlbt.ray_init import ensure_ray
+
+    # Locally at least 4 logical CPUs: the app's five deployments must all be scheduled on a 2-core laptop.
+    ensure_ray(max(4, os.cpu_count() or 1))
     print("[serve] starting the API and the UI on Ray Serve ...", flush=True)
     urls = run_local(app_args, host=host, port=port)
     ok = wait_ready(f"http://{host}:{port}", timeout_s=ready_timeout_s)
@@ -286,5 +311,6 @@ def cli_serve(args: argparse.Namespace) -> int:
 
     if not storage.exists(args.run):  # a local path or a URI (s3://bucket/runs/NAME)
         raise FileNotFoundError(f"run directory not found: {args.run}")
-    app_args = {"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path}
+    app_args = {"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path,
+                "gpus": args.gpus}
     return serve_until_interrupted(app_args, host=args.host, port=args.port)

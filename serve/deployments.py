@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import time
 from typing import Any
 
@@ -71,10 +72,11 @@ class TextEncoder:
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.005,
         num_threads: int = 0,
+        device: str = "cpu",
     ) -> None:
         from tnlbt.index.embed import Encoder
 
-        self.enc = Encoder(checkpoint_dir, num_threads=num_threads)
+        self.enc = Encoder(checkpoint_dir, device=device, num_threads=num_threads)
         self.encode.set_max_batch_size(max_batch_size)
         self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -103,10 +105,11 @@ class ImageEncoder:
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.01,
         num_threads: int = 0,
+        device: str = "cpu",
     ) -> None:
         from tnlbt.index.embed import Encoder
 
-        self.enc = Encoder(checkpoint_dir, num_threads=num_threads)
+        self.enc = Encoder(checkpoint_dir, device=device, num_threads=num_threads)
         self.encode.set_max_batch_size(max_batch_size)
         self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -448,8 +451,8 @@ class GradioUI:
         api: DeploymentHandle | None = None,
     ) -> None:
         self.api = api or serve.get_deployment_handle(api_deployment, app_name=api_app)
-        self.model_card = model_card or {}
-        self.examples = examples or {}
+        self.model_card = local_files(model_card or {})
+        self.examples = local_files(examples or {})
 
     async def _gallery(self, hits: list[dict[str, Any]]) -> list[tuple[Any, str]]:
         from PIL import Image
@@ -504,6 +507,31 @@ class GradioUI:
 
         demo = build_demo(text_fn, image_fn, self.examples, self.model_card)
         return gr.mount_gradio_app(app, demo, path="")
+
+
+def local_files(d: dict[str, Any]) -> dict[str, Any]:
+    """Write the ``{"name", "data"}`` file fields of ``serve.app.portable_files`` to a folder on this node and
+    put their paths back (Gradio serves example images and the curves from local files). Paths pass through."""
+    import tempfile
+
+    folder: str | None = None
+
+    def write(f: Any) -> Any:
+        nonlocal folder
+        if not isinstance(f, dict) or "data" not in f:
+            return f
+        folder = folder or tempfile.mkdtemp(prefix="tnlbt-ui-")
+        path = os.path.join(folder, os.path.basename(str(f.get("name") or "file")))
+        with open(path, "wb") as fh:
+            fh.write(f["data"])
+        return path
+
+    out = dict(d)
+    if out.get("images"):
+        out["images"] = [write(f) for f in out["images"]]
+    if out.get("curves"):
+        out["curves"] = write(out["curves"])
+    return out
 
 
 def _lines(s: str | None) -> list[str]:

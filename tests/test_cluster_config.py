@@ -472,7 +472,7 @@ def test_rayservice_serve_config_parses():
 
 # Per-environment values: where the trained run and the Qdrant server are on this cluster. Everything else in
 # the RayService's applications must equal serve/config.yaml.
-_ENV_ARGS = {"run", "qdrant_url", "qdrant_path"}
+_ENV_ARGS = {"run", "qdrant_url", "qdrant_path", "gpus"}
 
 
 def _strip_env_args(apps: list[dict[str, Any]]) -> list[dict[str, Any]]:

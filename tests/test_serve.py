@@ -277,3 +277,23 @@ def test_ui_through_serve_with_gradio_client(api):
     p.write_bytes(_jpeg(COLOURS[3]))
     tab = c.predict(handle_file(str(p)), 2, api_name="/search_image")
     assert len(tab["data"]) == 2 and tab["headers"] == ["title", "ingredients", "score"]
+
+
+@pytest.mark.parametrize(("gpus", "device"), [(0, "cpu"), (0.5, "cuda")])
+def test_encoder_replicas_ask_for_gpus_when_told(monkeypatch, gpus, device):
+    """``gpus`` puts the two encoder deployments on GPUs (num_gpus + device); the rest stays on CPUs."""
+    import tnlbt.index.embed as embed
+    from serve.app import build_app
+
+    monkeypatch.setattr(embed, "read_index_meta", lambda run: {})
+    monkeypatch.setattr(embed, "index_checkpoint", lambda run, meta: "/ckpt")
+    app = build_app({"run": "/some/run", "gpus": gpus})
+    api = app._bound_deployment
+    bound = [a._bound_deployment for a in (*api.init_args, *api.init_kwargs.values())
+             if hasattr(a, "_bound_deployment")]
+    by_name = {b.name: b for b in bound}
+    for name in ("TextEncoder", "ImageEncoder"):
+        assert by_name[name].init_kwargs["device"] == device
+        assert by_name[name].ray_actor_options.get("num_gpus", 0) == gpus
+    assert "num_gpus" not in by_name["SearchIndex"].ray_actor_options
+    assert "num_gpus" not in api.ray_actor_options

@@ -5,6 +5,8 @@ The same Blocks are mounted in Serve by ``GradioUI``; that path is covered in te
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import free_port
 from test_search import COLOURS, _jpeg, build_tiny_index, make_tiny_run
@@ -72,3 +74,26 @@ def test_demo_in_process_and_via_gradio_client(searcher, tmp_path):
             c.predict("", "", "", 3, api_name="/search_text")
     finally:
         demo.close()
+
+
+def test_ui_files_travel_as_bytes_to_the_replica(tmp_path):
+    """The UI replica may run on another node than the app builder: its example photos and curves arrive as
+    bytes and are written to the replica's own disk, with the same content."""
+    from serve.app import portable_files
+    from serve.deployments import local_files
+
+    photo, curves = tmp_path / "abc.jpg", tmp_path / "curves.png"
+    photo.write_bytes(b"\xff\xd8jpeg")
+    curves.write_bytes(b"\x89PNG")
+    ex = portable_files({"text": [["t", "i", "s"]], "images": [str(photo), str(tmp_path / "gone.jpg")]})
+    card = portable_files({"run": "r", "curves": str(curves)})
+    assert ex["images"] == [{"name": "abc.jpg", "data": b"\xff\xd8jpeg"}]  # a missing file is dropped
+    assert card["curves"] == {"name": "curves.png", "data": b"\x89PNG"}
+    photo.unlink()
+    curves.unlink()  # the builder's files are gone: the replica must not need them
+    ex2, card2 = local_files(ex), local_files(card)
+    assert ex2["text"] == [["t", "i", "s"]]
+    (p,) = ex2["images"]
+    assert p.endswith("abc.jpg") and Path(p).read_bytes() == b"\xff\xd8jpeg"
+    assert Path(card2["curves"]).read_bytes() == b"\x89PNG"
+    assert local_files({"images": ["/x/y.jpg"], "curves": None}) == {"images": ["/x/y.jpg"], "curves": None}

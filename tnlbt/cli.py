@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "train recipes), decode and resize photos, write {out}/{train,val,test}/*.parquet, "
                        "vocab.json, ingredients.json, stats.json. Bad records are skipped and counted.")
     p.add_argument("--data", required=True, help="Recipe1M-layout folder (layer1.json, layer2.json, ...)")
-    p.add_argument("--images", default="", help="image tree root (default: DATA/images)")
+    p.add_argument("--images", default="", help="image tree root (default: data.image_root if set, else DATA/images)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="redo finished work")
     p.add_argument("--num-cpus", type=int, default=0, help="logical CPUs for a local Ray (0 = all)")
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--qdrant-url", default=None)
     p.add_argument("--qdrant-path", default=None)
+    p.add_argument("--gpus", type=float, default=0.0,
+                   help="GPU share per encoder replica (0 = CPU; 0.5 = text and image encoder on one GPU)")
 
     p = sub.add_parser("demo", help="the whole chain on a laptop: synth -> ... -> serve",
                        description="synth (small) -> preprocess -> train -> eval -> index -> serve; reruns "

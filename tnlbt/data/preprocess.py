@@ -659,17 +659,6 @@ def _clean_outputs(out_dir: str | os.PathLike[str]) -> None:
             p.unlink()
 
 
-def _ensure_ray(num_cpus: int) -> bool:
-    """Start a local Ray unless one is running; returns True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs: no token files in ~/.ray
-    ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False)
-    return True
-
-
 def _progress_bars() -> None:
     from ray.data import DataContext
 
@@ -727,7 +716,9 @@ def preprocess(
     t_read = time.perf_counter() - t0
     log.info("read %d records -> %d shards in %.1fs", raw["records_input"], len(raw["shards"]), t_read)
 
-    started = _ensure_ray(num_cpus or int(cfg.preprocess_cpus))
+    from tnlbt.ray_init import ensure_ray
+
+    started = ensure_ray(num_cpus or int(cfg.preprocess_cpus))
     try:
         import ray
         from ray.data import TaskPoolStrategy

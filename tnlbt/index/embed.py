@@ -790,12 +790,10 @@ def index_run(
 def cli_index(args: argparse.Namespace) -> int:
     import sys
 
-    import ray
-
     from tnlbt.index.store import StoreUnavailable
+    from tnlbt.ray_init import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray()
     try:
         meta = index_run(
             args.run,

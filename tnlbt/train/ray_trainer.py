@@ -198,14 +198,12 @@ def build_datasets(data_dir: Path | str, shuffle_blocks: bool = True) -> dict[st
 def _ensure_ray(cfg: Config) -> None:
     import ray
 
-    if ray.is_initialized():
+    from tnlbt.ray_init import ensure_ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(log_to_driver=True)  # an existing cluster decides its own resources
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])  # an existing cluster decides its own resources
-        return
-    n = cfg.scaling.ray_num_cpus or max(4, 2 * cfg.scaling.num_workers)
-    ray.init(num_cpus=n, include_dashboard=False, log_to_driver=True)
+    ensure_ray(cfg.scaling.ray_num_cpus or max(4, 2 * cfg.scaling.num_workers), log_to_driver=True)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
