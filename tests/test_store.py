@@ -1,10 +1,11 @@
 """Vector stores: top-k equals numpy brute force (both stores), idempotent re-indexing, atomic alias switch,
-keep-N pruning."""
+keep-N pruning, HNSW / int8 settings reaching the engines (and their recall)."""
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from tnlbt.index.store import (
     RECIPES,
     EdgeStore,
     IndexNotFound,
+    IndexSettings,
     QdrantStore,
     build_collection,
     new_version,
@@ -26,7 +28,8 @@ from tnlbt.index.store import (
     recipe_point_id,
 )
 
-STORES = ["qdrant-memory", "qdrant-path", "edge-plain", "edge-hnsw"]
+STORES = ["qdrant-memory", "qdrant-path", "edge-plain", "edge-hnsw", "edge-int8"]
+APPROXIMATE = {"edge-hnsw", "edge-int8"}
 
 
 def make_store(kind: str, tmp_path):
@@ -37,6 +40,8 @@ def make_store(kind: str, tmp_path):
     if kind == "edge-plain":
         return open_store("edge", path=str(tmp_path / "e"))
     # HNSW on from 500 points, so the graph index (not a full scan) answers the queries below.
+    if kind == "edge-int8":
+        return EdgeStore(str(tmp_path / "e"), settings=IndexSettings(quantization="int8", full_scan_points=500))
     return EdgeStore(str(tmp_path / "e"), hnsw_min_points=500)
 
 
@@ -45,8 +50,7 @@ def data(n: int, d: int, seed: int = 0):
     x = rng.standard_normal((n, d)).astype(np.float32)
     ids = [f"img{i:05d}" for i in range(n)]
     payloads = [
-        {"image_id": s, "recipe_id": f"r{i // 2}", "split": "test" if i % 3 else "val"}
-        for i, s in enumerate(ids)
+        {"image_id": s, "recipe_id": f"r{i // 2}", "split": "test" if i % 3 else "val"} for i, s in enumerate(ids)
     ]
     return x, ids, payloads
 
@@ -72,7 +76,7 @@ def test_topk_equals_numpy_brute_force(kind, tmp_path):
         idx, scores = brute_force_topk(x, q, k)
         want = [ids[i] for i in idx]
         got = [h.id for h in hits]
-        if kind == "edge-hnsw":
+        if kind in APPROXIMATE:
             recall.append(len(set(got) & set(want)) / k)
         else:  # exact search: same ids in the same order, same cosine scores
             assert got == want
@@ -82,7 +86,7 @@ def test_topk_equals_numpy_brute_force(kind, tmp_path):
         fidx, _ = brute_force_topk(x[sub], q, k)
         fhits = store.search(PHOTOS, q, k, filter={"split": "val"})
         assert all(h.payload["split"] == "val" for h in fhits)
-        if kind != "edge-hnsw":
+        if kind not in APPROXIMATE:
             assert [h.id for h in fhits] == [ids[sub[i]] for i in fidx]
     if recall:
         assert np.mean(recall) >= 0.95, recall
@@ -213,3 +217,155 @@ def test_load_into_store_builds_both_collections_and_is_idempotent():
     assert hit.id == "r3" and hit.payload["ingredients"] == ["a", "b"]
     assert store.retrieve(PHOTOS, ["p6", "nope"], "photo")[0]["recipe_id"] == "r1"
     assert store.retrieve(PHOTOS, ["nope"], "photo") == [None]
+
+
+# -- HNSW / int8 settings -----------------------------------------------------------------------------------
+def clustered(n: int, d: int, n_queries: int, seed: int = 0):
+    """Unit vectors around 40 centres with a shared mean direction (like trained embeddings, unlike uniform
+    noise), and held-out queries from the same mixture."""
+    rng = np.random.default_rng(seed)
+    mean = rng.standard_normal(d).astype(np.float32) * 0.5
+    centres = rng.standard_normal((40, d)).astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        x = mean + centres[rng.integers(0, 40, m)] + 0.5 * rng.standard_normal((m, d)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return draw(n), draw(n_queries)
+
+
+def build_photos(store, x):
+    ids = [f"img{i:05d}" for i in range(len(x))]
+    pl = [{"image_id": s, "recipe_id": s, "split": "test"} for s in ids]
+    publish(store, {PHOTOS: build_collection(store, PHOTOS, "v1", [photo_point_id(i) for i in ids], x, pl)})
+    return ids
+
+
+def test_index_settings_parse_env_and_validation():
+    st = IndexSettings.parse(["hnsw_ef=64", "quantization=INT8", "rescore=false", "oversampling=3", "hnsw_m=8.0"])
+    assert (st.hnsw_ef, st.quantization, st.rescore, st.oversampling, st.hnsw_m) == (64, "int8", False, 3.0, 8)
+    assert IndexSettings() == IndexSettings.from_env({})
+    d = IndexSettings()
+    assert (d.quantization, d.on_disk_vectors, d.rescore, d.oversampling) == ("int8", True, True, 2.0)
+    assert (d.hnsw_m, d.ef_construct, d.hnsw_ef, d.full_scan_points) == (16, 100, 256, None)
+    env = {"TNLBT_INDEX_FULL_SCAN_POINTS": "500", "TNLBT_INDEX_EXACT": "yes", "PATH": "/bin"}
+    assert IndexSettings.from_env(env) == IndexSettings(full_scan_points=500, exact=True)
+    assert IndexSettings.parse({"full_scan_points": "none"}).full_scan_points is None
+    for bad, key in [
+        (["hnsw_ef=0"], "hnsw_ef"),
+        (["quantization=pq"], "quantization"),
+        (["rescore=maybe"], "rescore"),
+        (["oversampling=0.5"], "oversampling"),
+        (["hnsw_ef=1.5"], "hnsw_ef"),
+        (["ef=64"], "ef"),
+        (["hnsw_ef"], "hnsw_ef"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            IndexSettings.parse(bad)
+    with pytest.raises(ValueError, match="unknown index setting 'nope'"):
+        IndexSettings.from_env({"TNLBT_INDEX_NOPE": "1"})
+
+
+def test_open_store_reads_settings_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TNLBT_INDEX_QUANTIZATION", "none")
+    monkeypatch.setenv("TNLBT_INDEX_HNSW_EF", "48")
+    edge = open_store("edge", path=str(tmp_path / "e"))
+    assert (edge.settings.quantization, edge.settings.hnsw_ef) == ("none", 48)
+    assert open_store("qdrant").settings.quantization == "none"
+    # explicit settings win over the environment
+    assert open_store("qdrant", settings=IndexSettings()).settings.quantization == "int8"
+    monkeypatch.setenv("TNLBT_INDEX_HNSW_EF", "lots")
+    with pytest.raises(ValueError, match="hnsw_ef"):
+        open_store("qdrant")
+
+
+def test_edge_settings_reach_the_engine(tmp_path):
+    x, _ = clustered(1200, 32, 0)
+    st = IndexSettings(hnsw_m=8, ef_construct=40, full_scan_points=300, quantization="int8", quantile=0.95)
+    store = EdgeStore(str(tmp_path / "e"), settings=st)
+    build_photos(store, x)
+    info = store.describe(PHOTOS)
+    # what qdrant-edge recorded for the shard, not what we asked for
+    assert info["hnsw"]["m"] == 8 and info["hnsw"]["ef_construct"] == 40
+    assert info["hnsw"]["full_scan_threshold"] == 300 * 32 * 4 // 1024
+    assert info["quantization"]["scalar"]["type"] == "int8" and info["quantization"]["scalar"]["quantile"] == 0.95
+    assert info["hnsw_built"] and info["indexed_vectors"] == 1200 and info["quantized_segments"] >= 1
+    store.close()
+    # a reader with other search-time settings sees the build settings recorded with the collection
+    reader = EdgeStore(str(tmp_path / "e"), settings=IndexSettings(hnsw_ef=32, rescore=False))
+    info = reader.describe(PHOTOS)
+    assert info["built_with"]["quantization"] == "int8" and info["built_with"]["hnsw_m"] == 8
+    assert info["search"] == {"hnsw_ef": 32, "exact": False, "rescore": False, "oversampling": 2.0}
+    reader.close()
+    # below full_scan_points: no graph and no int8 copy, exact search
+    small = EdgeStore(str(tmp_path / "s"), settings=st)
+    build_photos(small, x[:200])
+    info = small.describe(PHOTOS)
+    assert not info["hnsw_built"] and info["quantized_segments"] == 0
+    small.close()
+
+
+def test_qdrant_store_sends_settings_and_local_mode_ignores_them(monkeypatch):
+    st = IndexSettings(hnsw_m=32, ef_construct=200, full_scan_points=1000, quantization="int8", hnsw_ef=77)
+    store = QdrantStore(settings=st)
+    sent = {}
+    create = store.client.create_collection
+    monkeypatch.setattr(store.client, "create_collection", lambda name, **kw: (sent.update(kw), create(name, **kw))[1])
+    x, q = clustered(300, 16, 5)
+    ids = build_photos(store, x)
+    hnsw, quant = sent["hnsw_config"], sent["quantization_config"]
+    assert (hnsw.m, hnsw.ef_construct, hnsw.full_scan_threshold) == (32, 200, 1000 * 16 * 4 // 1024)
+    assert quant.scalar.type.value == "int8" and quant.scalar.quantile == 0.99 and quant.scalar.always_ram
+    # local mode (":memory:" / a folder) drops both configs: it is exact brute force in Python
+    info = store.describe(PHOTOS)
+    assert info["quantization"] is None and info["hnsw"]["m"] == 16 and info["mode"].startswith("local")
+    calls = []
+    query = store.client.query_points
+    monkeypatch.setattr(store.client, "query_points", lambda *a, **kw: (calls.append(kw), query(*a, **kw))[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # local mode warns on every query given search_params: we send none
+        hits = store.search(PHOTOS, q[0], 10)
+    assert calls[-1]["search_params"] is None
+    assert [h.id for h in hits] == [ids[i] for i in brute_force_topk(x, q[0], 10)[0]]  # exact whatever the settings
+    # against a server the search-time settings go with every query
+    store.url = "http://qdrant.invalid:6333"
+    sp = store._search_params(10)
+    assert (sp.hnsw_ef, sp.exact, sp.quantization.rescore, sp.quantization.oversampling) == (77, False, True, 2.0)
+    assert store._search_params(100).hnsw_ef == 100  # never below k
+    store.close()
+
+
+def test_int8_recall_and_rescoring_vs_brute_force(tmp_path):
+    """HNSW + int8 on clustered vectors: recall@10 vs numpy; rescoring gives exact cosines; exact=True is the
+    brute-force twin (same ids in the same order, same scores)."""
+    n, d, k = 3000, 64, 10
+    x, q = clustered(n, d, 40, seed=2)
+    store = EdgeStore(str(tmp_path / "e"), settings=IndexSettings(quantization="int8", full_scan_points=500))
+    ids = build_photos(store, x)
+    pos = {s: i for i, s in enumerate(ids)}
+    assert store.describe(PHOTOS)["quantized_segments"] >= 1
+    base = store.settings
+
+    def run(**change):
+        store.settings = IndexSettings.parse(change, base)
+        rec, err = [], []
+        for v in q:
+            hits = store.search(PHOTOS, v, k)
+            idx, _ = brute_force_topk(x, v, k)
+            rec.append(len({ids[i] for i in idx} & {h.id for h in hits}) / k)
+            err += [abs(h.score - float(x[pos[h.id]] @ v)) for h in hits]
+        return float(np.mean(rec)), float(np.max(err))
+
+    recall_rescored, err_rescored = run(rescore=True, oversampling=2.0)
+    recall_raw, err_raw = run(rescore=False, oversampling=1.0)
+    assert recall_rescored >= 0.95, recall_rescored
+    assert recall_raw >= 0.85, recall_raw
+    assert err_rescored < 1e-4  # rescored: the scores are the float32 cosines
+    assert err_raw > 1e-4  # not rescored: int8 approximations (so the rescore switch reaches the engine)
+    store.settings = IndexSettings.parse({"exact": True}, base)
+    for v in q[:10]:
+        idx, scores = brute_force_topk(x, v, k)
+        hits = store.search(PHOTOS, v, k)
+        assert [h.id for h in hits] == [ids[i] for i in idx]
+        np.testing.assert_allclose([h.score for h in hits], scores, atol=1e-4)
+    store.close()

@@ -23,11 +23,17 @@ Two implementations:
   per physical collection, aliases in ``aliases.json`` replaced atomically with ``os.replace``. Another
   process may build a new version while a server reads the old one (each shard directory has its own lock);
   readers notice the new alias file by its mtime.
+
+How collections are indexed and searched (HNSW ``m`` / ``ef_construct`` / ``hnsw_ef``, full-scan threshold,
+int8 scalar quantisation with rescoring and oversampling) is one :class:`IndexSettings`, given to a store or
+read from ``TNLBT_INDEX_*`` environment variables by :func:`open_store`. qdrant-edge and a Qdrant server apply
+it; qdrant-client's local mode is exact brute force and ignores it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -84,6 +90,147 @@ def versioned(name: str, version: str) -> str:
     return f"{name}{_VERSION_SEP}{version}"
 
 
+# -- HNSW / quantisation settings ------------------------------------------------------------------------------
+QUANTIZATIONS = ("none", "int8")
+#: Below this many points the edge store builds no HNSW graph and scans (what it always did).
+EDGE_FULL_SCAN_POINTS = 20_000
+_ENV_PREFIX = "TNLBT_INDEX_"
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How a collection is indexed (build time) and searched (search time), for both stores.
+
+    Build time -- fixed when ``tnlbt index`` builds a collection (stored with it):
+
+    * ``hnsw_m`` edges per node, ``ef_construct`` beam width while building the graph;
+    * ``full_scan_points``: Qdrant's full-scan threshold, in points (converted to KB of vectors for Qdrant).
+      A filtered query expected to match fewer points is answered by scanning them; the edge store also
+      builds no graph at all for a collection smaller than this. ``None``: 20,000 points for the edge store
+      (as before), the server's own default (10,000 KB) for a Qdrant server;
+    * ``quantization``: ``"int8"`` (Qdrant scalar quantisation with ``quantile``, the int8 copy pinned in RAM)
+      or ``"none"``;
+    * ``on_disk_vectors``: keep the original float32 vectors on disk (memory-mapped, not preloaded); with
+      ``int8`` only the 4x smaller quantised copy has to stay in RAM.
+
+    The defaults (int8, originals on disk, rescore with oversampling 2, ``hnsw_ef`` 256) replaced float32 in
+    RAM with ``hnsw_ef`` 128 after ``bench/index.py tradeoff`` (100k x 1024-d clustered vectors, qdrant-edge):
+    rescored int8 has the recall@10 of float32 scores on the same graph, at about half the latency and 2.6x
+    less resident memory, for ~18% more disk; ef 256 instead of 128 buys ~1-2 points of recall@10 (0.96-0.98
+    -> 0.99, varying from build to build) for ~0.1 ms. ``quantization=none on_disk_vectors=false hnsw_ef=128``
+    is the earlier behaviour.
+
+    Search time -- read by whoever queries (``tnlbt serve``, ``tnlbt search``), may differ from the build:
+
+    * ``hnsw_ef`` beam width (at least ``k``); ``exact`` scans every vector (no graph, no quantisation);
+    * ``rescore``: re-rank the quantised candidates with the original vectors (then the scores are exact
+      cosines); ``oversampling``: fetch ``oversampling * k`` quantised candidates before rescoring.
+      Both only matter for a collection built with ``quantization="int8"``.
+
+    qdrant-client's local mode (``:memory:`` / a folder) ignores all of this: it is exact brute force in
+    Python; it drops the HNSW and quantisation configs and warns about ``search_params``, so the local store
+    does not send them.
+
+    Every field can be set from the environment as ``TNLBT_INDEX_<FIELD>`` (e.g. ``TNLBT_INDEX_QUANTIZATION=int8
+    TNLBT_INDEX_HNSW_EF=64``); :func:`open_store` reads it when no settings are given.
+    """
+
+    hnsw_m: int = 16
+    ef_construct: int = 100
+    full_scan_points: int | None = None
+    quantization: str = "int8"
+    quantile: float = 0.99
+    on_disk_vectors: bool = True
+    hnsw_ef: int = 256
+    exact: bool = False
+    rescore: bool = True
+    oversampling: float = 2.0
+
+    BUILD_FIELDS = ("hnsw_m", "ef_construct", "full_scan_points", "quantization", "quantile", "on_disk_vectors")
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"index setting {key}={getattr(self, key)!r}: {what}")
+
+        check(self.hnsw_m >= 2, "hnsw_m", "must be >= 2")
+        check(self.ef_construct >= 4, "ef_construct", "must be >= 4")
+        check(self.full_scan_points is None or self.full_scan_points >= 1, "full_scan_points", "must be >= 1")
+        check(self.quantization in QUANTIZATIONS, "quantization", f"choose one of {', '.join(QUANTIZATIONS)}")
+        check(0.5 <= self.quantile <= 1.0, "quantile", "must be in [0.5, 1]")
+        check(self.hnsw_ef >= 1, "hnsw_ef", "must be >= 1")
+        check(self.oversampling >= 1.0, "oversampling", "must be >= 1.0")
+
+    # -- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, items: Iterable[str] | dict[str, Any] = (), base: IndexSettings | None = None) -> IndexSettings:
+        """``["hnsw_ef=64", "quantization=int8"]`` (or a dict of strings / values) on top of ``base``."""
+        pairs = items.items() if isinstance(items, dict) else (_split_kv(i) for i in items)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, raw in pairs:
+            key = key.strip().lower()
+            if key not in known:
+                raise ValueError(f"unknown index setting {key!r}; allowed: {', '.join(known)}")
+            changes[key] = _coerce_setting(key, known[key].type, raw)
+        return dataclasses.replace(base or cls(), **changes)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, base: IndexSettings | None = None) -> IndexSettings:
+        """Defaults overridden by ``TNLBT_INDEX_<FIELD>`` variables (unknown ones are an error)."""
+        env = os.environ if environ is None else environ
+        found = {k[len(_ENV_PREFIX) :]: v for k, v in env.items() if k.startswith(_ENV_PREFIX)}
+        return cls.parse(found, base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def build_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.BUILD_FIELDS}
+
+    def full_scan_kb(self, dim: int, default_points: int | None) -> int | None:
+        """The threshold in KB of float32 vectors, as Qdrant wants it (``None`` = leave the engine default)."""
+        pts = self.full_scan_points if self.full_scan_points is not None else default_points
+        return None if pts is None else max(1, pts * dim * 4 // 1024)
+
+
+def _split_kv(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ValueError(f"index setting {item!r} must look like key=value (e.g. hnsw_ef=64)")
+    k, v = item.split("=", 1)
+    return k, v
+
+
+def _coerce_setting(key: str, tp: Any, raw: Any) -> Any:
+    tp = str(tp)
+    if tp == "str" and isinstance(raw, str):
+        return raw.strip().lower()
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "")):
+        if "None" in tp:
+            return None
+        raise ValueError(f"index setting {key}: a value is required")
+    if tp == "bool":
+        if isinstance(raw, bool):
+            return raw
+        v = str(raw).strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"index setting {key}: expected true or false, got {raw!r}")
+    try:
+        if tp.startswith("int"):
+            f = float(raw)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if tp == "float":
+            return float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"index setting {key}: expected a number, got {raw!r}") from None
+    return str(raw).strip().lower()
+
+
 @dataclass
 class Hit:
     """One search result: the source id (recipe or image id), cosine score and payload."""
@@ -128,9 +275,7 @@ class VectorStore(ABC):
         """Point every alias in ``mapping`` at its collection in one step."""
 
     @abstractmethod
-    def _search(
-        self, collection: str, vector: np.ndarray, k: int, filter: dict[str, Any] | None
-    ) -> list[Hit]: ...
+    def _search(self, collection: str, vector: np.ndarray, k: int, filter: dict[str, Any] | None) -> list[Hit]: ...
 
     @abstractmethod
     def _retrieve(self, collection: str, point_ids: list[str]) -> list[dict[str, Any] | None]: ...
@@ -140,6 +285,11 @@ class VectorStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and connections."""
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What the engine reports about the collection ``name`` resolves to: points, HNSW and quantisation
+        config as stored by the engine (not as asked for), and the search-time settings this store uses."""
+        return {"collection": self.resolve(name), "points": self.count(name)}
 
     # -- shared logic ----------------------------------------------------------------------------------
     def resolve(self, name: str) -> str:
@@ -164,9 +314,7 @@ class VectorStore(ABC):
         """Write points in batches; each batch is retried with exponential backoff (idempotent: same ids)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if not (len(ids) == len(vectors) == len(payloads)):
-            raise ValueError(
-                f"ids/vectors/payloads lengths differ: {len(ids)}/{len(vectors)}/{len(payloads)}"
-            )
+            raise ValueError(f"ids/vectors/payloads lengths differ: {len(ids)}/{len(vectors)}/{len(payloads)}")
         for start in range(0, len(ids), batch_size):
             sl = slice(start, start + batch_size)
             for attempt in range(retries + 1):
@@ -177,9 +325,7 @@ class VectorStore(ABC):
                     if attempt == retries:
                         raise
                     wait = backoff_s * 2**attempt
-                    log.warning(
-                        "upsert batch at %d failed (%s); retry %d in %.1fs", start, e, attempt + 1, wait
-                    )
+                    log.warning("upsert batch at %d failed (%s); retry %d in %.1fs", start, e, attempt + 1, wait)
                     time.sleep(wait)
         return len(ids)
 
@@ -277,11 +423,17 @@ class QdrantStore(VectorStore):
     kind = "qdrant"
 
     def __init__(
-        self, url: str | None = None, path: str | None = None, api_key: str | None = None, timeout: int = 30
+        self,
+        url: str | None = None,
+        path: str | None = None,
+        api_key: str | None = None,
+        timeout: int = 30,
+        settings: IndexSettings | None = None,
     ) -> None:
         from qdrant_client import QdrantClient
 
         self.url, self.path = url, path
+        self.settings = settings or IndexSettings()
         try:
             if url:
                 self.client = QdrantClient(
@@ -313,16 +465,47 @@ class QdrantStore(VectorStore):
             raise
 
     def create(self, collection: str, dim: int) -> None:
-        from qdrant_client import models
-
         def _do() -> None:
             if self.client.collection_exists(collection):
                 self.client.delete_collection(collection)
-            self.client.create_collection(
-                collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
-            )
+            self.client.create_collection(collection, **self._collection_config(dim))
 
         self._guard(_do)
+
+    def _collection_config(self, dim: int) -> dict[str, Any]:
+        """``create_collection`` keyword arguments from the settings (a server applies them; local mode
+        silently drops ``hnsw_config`` and ``quantization_config``)."""
+        from qdrant_client import models
+
+        st = self.settings
+        hnsw = models.HnswConfigDiff(
+            m=st.hnsw_m, ef_construct=st.ef_construct, full_scan_threshold=st.full_scan_kb(dim, None)
+        )
+        quant = None
+        if st.quantization == "int8":
+            quant = models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(
+                    type=models.ScalarType.INT8, quantile=st.quantile, always_ram=True
+                )
+            )
+        vectors = models.VectorParams(
+            size=dim, distance=models.Distance.COSINE, on_disk=True if st.on_disk_vectors else None
+        )
+        return {"vectors_config": vectors, "hnsw_config": hnsw, "quantization_config": quant}
+
+    def _search_params(self, k: int):
+        """``SearchParams`` for a server; ``None`` in local mode, which is exact brute force anyway and warns
+        on every query that ``search_params`` has no effect."""
+        if not self.url:
+            return None
+        from qdrant_client import models
+
+        st = self.settings
+        return models.SearchParams(
+            hnsw_ef=max(st.hnsw_ef, k),
+            exact=st.exact,
+            quantization=models.QuantizationSearchParams(rescore=st.rescore, oversampling=st.oversampling),
+        )
 
     def _upsert_batch(
         self, collection: str, ids: list[str], vectors: np.ndarray, payloads: list[dict[str, Any]]
@@ -357,22 +540,19 @@ class QdrantStore(VectorStore):
             if alias in current:
                 ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
             ops.append(
-                models.CreateAliasOperation(
-                    create_alias=models.CreateAlias(collection_name=coll, alias_name=alias)
-                )
+                models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=coll, alias_name=alias))
             )
         # One request: the server applies all operations atomically, so no reader sees a missing alias.
         self._guard(self.client.update_collection_aliases, change_aliases_operations=ops)
 
-    def _search(
-        self, collection: str, vector: np.ndarray, k: int, filter: dict[str, Any] | None
-    ) -> list[Hit]:
+    def _search(self, collection: str, vector: np.ndarray, k: int, filter: dict[str, Any] | None) -> list[Hit]:
         res = self._guard(
             self.client.query_points,
             collection,
             query=vector.tolist(),
             limit=k,
             query_filter=_qdrant_filter(filter),
+            search_params=self._search_params(k),
             with_payload=True,
         )
         return [_hit(p.payload or {}, p.score) for p in res.points]
@@ -385,9 +565,33 @@ class QdrantStore(VectorStore):
     def count(self, name: str) -> int:
         return int(self._guard(self.client.count, self.resolve(name), exact=True).count)
 
+    def describe(self, name: str) -> dict[str, Any]:
+        coll = self.resolve(name)
+        cfg = self._guard(self.client.get_collection, coll).config
+        quant = cfg.quantization_config
+        scalar = getattr(quant, "scalar", None)
+        return {
+            "collection": coll,
+            "points": self.count(coll),
+            "mode": "server" if self.url else "local (exact brute force; HNSW and quantisation ignored)",
+            "hnsw": {
+                "m": cfg.hnsw_config.m,
+                "ef_construct": cfg.hnsw_config.ef_construct,
+                "full_scan_threshold_kb": cfg.hnsw_config.full_scan_threshold,
+            },
+            "quantization": None
+            if scalar is None
+            else {"type": str(getattr(scalar.type, "value", scalar.type)), "quantile": scalar.quantile},
+            "search": _search_dict(self.settings) if self.url else {"exact": True},
+        }
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
+
+
+def _search_dict(st: IndexSettings) -> dict[str, Any]:
+    return {k: getattr(st, k) for k in ("hnsw_ef", "exact", "rescore", "oversampling")}
 
 
 def _hit(payload: dict[str, Any], score: float) -> Hit:
@@ -398,11 +602,13 @@ def _hit(payload: dict[str, Any], score: float) -> Hit:
 # -- qdrant-edge
 # ----------------------------------------------------------------------------------------------
 class EdgeStore(VectorStore):
-    """qdrant-edge-py: one ``EdgeShard`` per physical collection under ``root``; HNSW built in
-    :meth:`finalize`.
+    """qdrant-edge-py: one ``EdgeShard`` per physical collection under ``root``; HNSW (and the int8 copy,
+    with ``quantization="int8"``) built in :meth:`finalize`.
 
-    ``hnsw_min_points``: collections smaller than this keep the plain (exact) index, since a full scan of a
-    few thousand vectors is faster than building a graph; ``hnsw_ef`` is the query-time beam width.
+    ``settings`` (:class:`IndexSettings`); the keyword arguments ``hnsw_m``, ``ef_construct``, ``hnsw_ef``
+    and ``hnsw_min_points`` (= ``full_scan_points``) override single fields. Collections smaller than
+    ``full_scan_points`` (default 20,000) keep the plain index and are searched exactly, since a full scan of
+    a few thousand vectors is faster than building a graph; they are not quantised either.
     """
 
     kind = "edge"
@@ -411,35 +617,57 @@ class EdgeStore(VectorStore):
     def __init__(
         self,
         root: str,
-        hnsw_m: int = 16,
-        ef_construct: int = 100,
-        hnsw_ef: int = 128,
-        hnsw_min_points: int = 20_000,
+        hnsw_m: int | None = None,
+        ef_construct: int | None = None,
+        hnsw_ef: int | None = None,
+        hnsw_min_points: int | None = None,
+        settings: IndexSettings | None = None,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.hnsw_m, self.ef_construct, self.hnsw_ef, self.hnsw_min_points = (
-            hnsw_m,
-            ef_construct,
-            hnsw_ef,
-            hnsw_min_points,
+        given = {"hnsw_m": hnsw_m, "ef_construct": ef_construct, "hnsw_ef": hnsw_ef}
+        given["full_scan_points"] = hnsw_min_points
+        self.settings = dataclasses.replace(
+            settings or IndexSettings(), **{k: v for k, v in given.items() if v is not None}
         )
         self._shards: dict[str, Any] = {}
         self._aliases: dict[str, str] = {}
         self._aliases_mtime = -1.0
         self._lock = threading.RLock()
 
+    @property
+    def hnsw_min_points(self) -> int:
+        """Collections with fewer points get no HNSW graph (exact full scan)."""
+        fsp = self.settings.full_scan_points
+        return EDGE_FULL_SCAN_POINTS if fsp is None else fsp
+
     # shards -------------------------------------------------------------------------------------------------
     def _config(self, dim: int, indexing_threshold_kb: int = 2**31 - 1):
-        from qdrant_edge import Distance, EdgeConfig, EdgeOptimizersConfig, EdgeVectorParams, HnswIndexConfig
+        from qdrant_edge import (
+            Distance,
+            EdgeConfig,
+            EdgeOptimizersConfig,
+            EdgeVectorParams,
+            HnswIndexConfig,
+            Memory,
+            ScalarQuantizationConfig,
+            ScalarType,
+        )
 
+        st = self.settings
+        quant = None
+        if st.quantization == "int8":
+            quant = ScalarQuantizationConfig(type=ScalarType.Int8, quantile=st.quantile, memory=Memory.Pinned)
         return EdgeConfig(
-            vectors=EdgeVectorParams(size=dim, distance=Distance.Cosine),
-            hnsw_config=HnswIndexConfig(
-                m=self.hnsw_m,
-                ef_construct=self.ef_construct,
-                full_scan_threshold=max(1, self.hnsw_min_points * dim * 4 // 1024),
+            vectors=EdgeVectorParams(
+                size=dim, distance=Distance.Cosine, memory=Memory.Cold if st.on_disk_vectors else None
             ),
+            hnsw_config=HnswIndexConfig(
+                m=st.hnsw_m,
+                ef_construct=st.ef_construct,
+                full_scan_threshold=st.full_scan_kb(dim, EDGE_FULL_SCAN_POINTS),
+            ),
+            quantization_config=quant,
             # indexing_threshold is in KB of vectors; a huge value means "never index on its own": we decide
             # in finalize() whether to build HNSW at all.
             optimizers=EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb),
@@ -472,7 +700,7 @@ class EdgeStore(VectorStore):
         with self._lock:
             self._shards[collection] = EdgeShard.create(str(d / "shard"), self._config(dim))
         # Written last by finalize(); until then the collection is "being built" and not listed.
-        (d / "building").write_text(json.dumps({"dim": dim}))
+        (d / "building").write_text(json.dumps({"dim": dim, "settings": self.settings.build_dict()}))
 
     def _upsert_batch(
         self, collection: str, ids: list[str], vectors: np.ndarray, payloads: list[dict[str, Any]]
@@ -491,21 +719,30 @@ class EdgeStore(VectorStore):
         with self._lock:
             sh = self._shards[collection]
             n = self._count_shard(sh)
-            if n >= self.hnsw_min_points:
+            meta = json.loads((d / "building").read_text())
+            meta["hnsw"] = n >= self.hnsw_min_points
+            if meta["hnsw"]:
                 from qdrant_edge import EdgeShard
 
                 t = time.perf_counter()
                 # Ask for indexing now that all points are in: reload with a low threshold, then optimize.
                 sh.flush()
                 sh.close()
-                cfg = self._config(
-                    int(json.loads((d / "building").read_text())["dim"]), indexing_threshold_kb=1
-                )
-                sh = EdgeShard.load(str(d / "shard"), cfg)
+                sh = EdgeShard.load(str(d / "shard"), self._config(int(meta["dim"]), indexing_threshold_kb=1))
                 sh.optimize()
                 self._shards[collection] = sh
-                log.info("%s: HNSW over %d points in %.1fs", collection, n, time.perf_counter() - t)
+                meta["index_s"] = round(time.perf_counter() - t, 3)
+                log.info(
+                    "%s: HNSW (m=%d, ef_construct=%d, quantization=%s) over %d points in %.1fs",
+                    collection,
+                    self.settings.hnsw_m,
+                    self.settings.ef_construct,
+                    self.settings.quantization,
+                    n,
+                    meta["index_s"],
+                )
             sh.flush()
+        (d / "building").write_text(json.dumps(meta))
         (d / "building").replace(d / "edge.json")
 
     @staticmethod
@@ -548,14 +785,13 @@ class EdgeStore(VectorStore):
             tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
             os.replace(tmp, self.root / self._ALIASES)  # atomic on POSIX: readers see old or new, never half
 
-    def _search(
-        self, collection: str, vector: np.ndarray, k: int, filter: dict[str, Any] | None
-    ) -> list[Hit]:
+    def _search(self, collection: str, vector: np.ndarray, k: int, filter: dict[str, Any] | None) -> list[Hit]:
         from qdrant_edge import (
             FieldCondition,
             Filter,
             MatchAny,
             MatchValue,
+            QuantizationSearchParams,
             Query,
             QueryRequest,
             SearchParams,
@@ -564,21 +800,23 @@ class EdgeStore(VectorStore):
         flt = None
         if filter:
             must = [
-                FieldCondition(
-                    key=key, match=MatchAny(list(v)) if isinstance(v, list | tuple) else MatchValue(v)
-                )
+                FieldCondition(key=key, match=MatchAny(list(v)) if isinstance(v, list | tuple) else MatchValue(v))
                 for key, v in filter.items()
             ]
             flt = Filter(must=must)
+        st = self.settings
+        # rescore/oversampling act only on a quantised collection; without rescore the scores are the int8
+        # approximations (qdrant-edge's own default is not to rescore when the vectors are in RAM).
+        params = SearchParams(
+            hnsw_ef=max(st.hnsw_ef, k),
+            exact=st.exact,
+            quantization=QuantizationSearchParams(rescore=st.rescore, oversampling=st.oversampling),
+        )
         sh = self._shard(collection)
         with self._lock:
             pts = sh.query(
                 QueryRequest(
-                    limit=k,
-                    query=Query.Nearest(vector.tolist()),
-                    with_payload=True,
-                    filter=flt,
-                    params=SearchParams(hnsw_ef=max(self.hnsw_ef, k)),
+                    limit=k, query=Query.Nearest(vector.tolist()), with_payload=True, filter=flt, params=params
                 )
             )
         return [_hit(dict(p.payload or {}), p.score) for p in pts]
@@ -592,6 +830,31 @@ class EdgeStore(VectorStore):
 
     def count(self, name: str) -> int:
         return self._count_shard(self._shard(self.resolve(name)))
+
+    def describe(self, name: str) -> dict[str, Any]:
+        coll = self.resolve(name)
+        d = self.root / coll
+        sh = self._shard(coll)
+        with self._lock:
+            info = sh.info()
+        meta = json.loads((d / "edge.json").read_text())
+        engine: dict[str, Any] = {}
+        # the shard's own record of its config (qdrant-edge writes it; a beta file layout, hence optional)
+        with contextlib.suppress(OSError, ValueError):
+            engine = json.loads((d / "shard" / "edge_config.json").read_text())
+        return {
+            "collection": coll,
+            "points": int(info.points_count),
+            "indexed_vectors": int(info.indexed_vectors_count),
+            "segments": int(info.segments_count),
+            "hnsw_built": bool(meta.get("hnsw", False)),
+            "hnsw": engine.get("hnsw_config"),
+            "quantization": engine.get("quantization_config"),
+            "quantized_segments": len(list((d / "shard").glob("segments/*/vector_storage/quantized.data"))),
+            "built_with": meta.get("settings"),
+            "index_s": meta.get("index_s"),
+            "search": _search_dict(self.settings),
+        }
 
     def close(self) -> None:
         with self._lock:
@@ -620,10 +883,16 @@ def choose_kind(kind: str, url: str | None) -> str:
 
 
 def open_store(
-    kind: str = "qdrant", url: str | None = None, path: str | None = None, **kw: Any
+    kind: str = "qdrant",
+    url: str | None = None,
+    path: str | None = None,
+    settings: IndexSettings | None = None,
+    **kw: Any,
 ) -> VectorStore:
     """``kind="qdrant"``: server by ``url`` or local ``path`` (``None``/``":memory:"`` = in memory);
-    ``kind="edge"``: qdrant-edge under ``path`` (required)."""
+    ``kind="edge"``: qdrant-edge under ``path`` (required). ``settings``: HNSW / quantisation
+    (:class:`IndexSettings`); ``None`` reads ``TNLBT_INDEX_*`` from the environment over the defaults."""
+    kw["settings"] = settings if settings is not None else IndexSettings.from_env()
     if kind == "edge":
         if url:
             raise ValueError("the edge store is embedded: give a path, not a URL")
