@@ -42,6 +42,15 @@ def _f(args: dict[str, Any], key: str, default: Any) -> Any:
     return default if v in (None, "") else type(default)(v) if default is not None else v
 
 
+def _settings_list(v: Any) -> list[str]:
+    """``index_settings`` from a serve config: a ``{key: value}`` mapping or a list of ``key=value``."""
+    if not v:
+        return []
+    if isinstance(v, dict):
+        return [f"{k}={val}" for k, val in v.items()]
+    return [str(x) for x in v]
+
+
 def _actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
     """``ray_actor_options`` with the driver's storage environment forwarded (nothing extra when unset)."""
     from tnlbt.index.embed import worker_runtime_env
@@ -98,6 +107,7 @@ def build_app(args: dict[str, Any]) -> Any:
         qdrant_url=qdrant_url,
         qdrant_path=args.get("qdrant_path") or None,
         store_kind=args.get("store") or None,
+        index_settings=_settings_list(args.get("index_settings")),
     )
     return SearchAPI.options(
         ray_actor_options=_actor_options(min(cpus, 0.5)),
@@ -312,5 +322,5 @@ def cli_serve(args: argparse.Namespace) -> int:
     if not storage.exists(args.run):  # a local path or a URI (s3://bucket/runs/NAME)
         raise FileNotFoundError(f"run directory not found: {args.run}")
     app_args = {"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path,
-                "gpus": args.gpus}
+                "gpus": args.gpus, "index_settings": list(args.index_setting or [])}
     return serve_until_interrupted(app_args, host=args.host, port=args.port)

@@ -135,6 +135,7 @@ class SearchIndex:
         qdrant_url: str | None = None,
         qdrant_path: str | None = None,
         store_kind: str | None = None,
+        index_settings: list[str] | None = None,
     ) -> None:
         self.run, self.qdrant_url, self.qdrant_path, self.store_kind = (
             run,
@@ -142,6 +143,7 @@ class SearchIndex:
             qdrant_path,
             store_kind,
         )
+        self.index_settings = list(index_settings or [])  # key=value over index.json's and TNLBT_INDEX_*
         self.reader: Any = None
         self.error = ""
         self._open()
@@ -151,7 +153,9 @@ class SearchIndex:
         from tnlbt.index.store import IndexNotFound, StoreUnavailable
 
         try:
-            self.reader = IndexReader.from_run(self.run, self.qdrant_url, self.qdrant_path, self.store_kind)
+            self.reader = IndexReader.from_run(
+                self.run, self.qdrant_url, self.qdrant_path, self.store_kind, self.index_settings
+            )
             self.error = ""
         except (StoreUnavailable, IndexNotFound, OSError) as e:
             # Start anyway: /readyz reports the problem and requests get 503 until the store comes back.

@@ -324,11 +324,21 @@ def test_index_with_ray_data_then_reindex_keeps_count(ray_session, tmp_path):
     import pyarrow.compute as pc
 
     from tnlbt.index.embed import index_run, load_into_store
-    from tnlbt.index.store import PHOTOS, RECIPES, open_store
+    from tnlbt.index.search import IndexReader
+    from tnlbt.index.store import PHOTOS, RECIPES, IndexSettings, open_store
 
     run = make_tiny_run(tmp_path, n_recipes=12)
-    a = index_run(run, split="test", store_kind="edge", keep=1, actors=1)
+    built = IndexSettings.parse(["hnsw_m=8", "quantization=none"])
+    a = index_run(run, split="test", store_kind="edge", keep=1, actors=1, settings=built)
     assert (a["recipes"], a["photos"], a["skipped_photos"]) == (12, 18, 0)
+    # The build settings are recorded, and a reader layers its own search-time settings over them.
+    assert a["index_settings"] == built.to_dict()
+    reader = IndexReader.from_run(run, settings=["hnsw_ef=32"])
+    try:
+        st = reader.store.settings
+        assert (st.hnsw_m, st.quantization, st.hnsw_ef) == (8, "none", 32)
+    finally:
+        reader.close()
     emb = pq.read_table(a["embeddings"])
     assert sorted(set(emb["modality"].to_pylist())) == ["image", "recipe"] and len(emb) == 30
     # the actor-pool vectors equal the UDF called in-process (same checkpoint, same rows)
@@ -373,3 +383,20 @@ def test_index_fails_fast_when_the_local_store_is_held(tmp_path):
             index_run(run, store_kind="qdrant", qdrant_path=str(tmp_path / "held"))
     finally:
         held.close()
+
+
+def test_index_settings_layering_and_cli_errors(tiny_index, monkeypatch, capsys):
+    """defaults < index.json's recorded settings < TNLBT_INDEX_* < --index-setting; a bad one is one line."""
+    from tnlbt.cli import main
+    from tnlbt.index.store import IndexSettings
+
+    monkeypatch.setenv("TNLBT_INDEX_HNSW_EF", "40")
+    monkeypatch.setenv("TNLBT_INDEX_OVERSAMPLING", "3")
+    st = IndexSettings.layered({"hnsw_m": 8, "hnsw_ef": 99, "not_a_field": 1}, ["oversampling=1.5"])
+    assert (st.hnsw_m, st.hnsw_ef, st.oversampling) == (8, 40, 1.5)
+    assert IndexSettings.layered(None, ()).quantization == IndexSettings().quantization
+    run, _ = tiny_index
+    assert main(["search", "--run", str(run), "--text", "soup", "--index-setting", "bogus=1"]) == 2
+    assert "unknown index setting 'bogus'" in capsys.readouterr().err
+    assert main(["search", "--run", str(run), "--text", "soup", "--index-setting", "hnsw_ef=abc"]) == 2
+    assert main(["search", "--run", str(run), "--text", "soup", "--index-setting", "hnsw_ef=16"]) == 0

@@ -34,6 +34,12 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
                    help="config overrides, e.g. train.epochs=3 model.embed_dim=256")
 
 
+def _add_index_setting_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="HNSW / int8 setting (tnlbt/index/store.py IndexSettings), e.g. hnsw_ef=64 or "
+                   "quantization=none; repeatable; over index.json's and TNLBT_INDEX_*")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tnlbt",
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "qdrant-edge engine (HNSW) when installed, else qdrant-client local mode "
                    "(numbers: bench/results/index.json)")
     p.add_argument("--keep", type=int, default=2, help="index versions to keep")
+    _add_index_setting_arg(p)
 
     p = sub.add_parser("search", help="query the index from the terminal")
     p.add_argument("--run", required=True, help="run directory")
@@ -113,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--qdrant-url", default=None)
     p.add_argument("--qdrant-path", default=None)
+    _add_index_setting_arg(p)
 
     p = sub.add_parser("serve", help="run the HTTP API and the Gradio UI on Ray Serve")
     p.add_argument("--run", required=True, help="run directory (indexed)")
@@ -122,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qdrant-path", default=None)
     p.add_argument("--gpus", type=float, default=0.0,
                    help="GPU share per encoder replica (0 = CPU; 0.5 = text and image encoder on one GPU)")
+    _add_index_setting_arg(p)
 
     p = sub.add_parser("demo", help="the whole chain on a laptop: synth -> ... -> serve",
                        description="synth (small) -> preprocess -> train -> eval -> index -> serve; reruns "

@@ -405,15 +405,16 @@ def cache_dir() -> Path:
 
 
 def ray_runtime_env() -> dict[str, Any]:
-    """``runtime_env`` entries that carry ``TNLBT_STORAGE_ROUTES`` and ``TNLBT_CACHE_DIR`` into Ray tasks,
-    actors, train workers and Serve replicas.
+    """``runtime_env`` entries that carry ``TNLBT_STORAGE_ROUTES``, ``TNLBT_CACHE_DIR`` and the
+    ``TNLBT_INDEX_*`` index settings into Ray tasks, actors, train workers and Serve replicas.
 
     Ray workers inherit the environment of the process that started Ray, which may predate the variable (a Ray
     started earlier in the same process, or a long-lived local cluster), so callers pass this explicitly.
     Empty when the variable is unset: on a real cluster each node resolves ``s3://``/``gs://`` itself with its
     own credentials.
     """
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    env = {k: v for k, v in os.environ.items()
+           if v and (k in _FORWARDED_ENV or k.startswith("TNLBT_INDEX_"))}  # index settings too (store.py)
     return {"env_vars": env} if env else {}
 
 

@@ -732,8 +732,12 @@ def index_run(
     qdrant_path: str | None = None,
     keep: int = 2,
     actors: int = 0,
+    settings: Any = None,
 ) -> dict[str, Any]:
     """Embed ``split`` with the run's checkpoint and publish a new index version. Needs Ray initialised.
+
+    ``settings``: :class:`tnlbt.index.store.IndexSettings` (HNSW, int8), default ``TNLBT_INDEX_*`` over the
+    defaults; recorded in ``index.json`` so that readers search the index the way it was built for.
 
     ``run`` and ``data_dir`` may be URIs (module doc): the checkpoint is only located here (the actors fetch
     it), ``config.json`` is read through storage, and an embedded store goes to a local folder.
@@ -753,7 +757,7 @@ def index_run(
     path = None if qdrant_url else (qdrant_path or default_store_path(run, store_kind))
     # Open the store first: a server that is down or a local folder locked by a running API fails in
     # seconds, not after the whole split has been embedded.
-    store = open_store(store_kind, url=qdrant_url, path=path)
+    store = open_store(store_kind, url=qdrant_url, path=path, settings=settings)
     try:
         t0 = time.perf_counter()
         recipes, photos, skipped = embed_split(ckpt, data_dir, split, actors=actors)
@@ -779,6 +783,7 @@ def index_run(
         "embed_s": round(t_embed, 3),
         "dim": int(cfg.model.embed_dim),
         "image_root": cfg.data.images_dir,
+        "index_settings": store.settings.to_dict(),
     }
     if path is not None and _is_remote(run_dir_of(run)):
         # the store is on this machine only: say which one, for the reader's error message elsewhere
@@ -790,7 +795,7 @@ def index_run(
 def cli_index(args: argparse.Namespace) -> int:
     import sys
 
-    from tnlbt.index.store import StoreUnavailable
+    from tnlbt.index.store import IndexSettings, StoreUnavailable
     from tnlbt.ray_init import ensure_ray
 
     ensure_ray()
@@ -802,6 +807,7 @@ def cli_index(args: argparse.Namespace) -> int:
             store_kind=args.store,
             qdrant_url=args.qdrant_url,
             qdrant_path=args.qdrant_path,
+            settings=IndexSettings.layered(None, getattr(args, "index_setting", None) or ()),
             keep=args.keep,
         )
     except StoreUnavailable as e:

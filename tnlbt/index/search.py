@@ -44,7 +44,7 @@ from tnlbt.index.embed import (
     read_index_meta,
     run_dir_of,
 )
-from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, VectorStore, open_store
+from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, IndexSettings, VectorStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +214,19 @@ class IndexReader:
         qdrant_url: str | None = None,
         qdrant_path: str | None = None,
         store_kind: str | None = None,
+        settings: IndexSettings | Sequence[str] = (),
     ) -> IndexReader:
+        """Open the run's index. ``settings``: an :class:`IndexSettings`, or ``key=value`` items layered over
+        what ``index.json`` recorded and ``TNLBT_INDEX_*`` (:meth:`IndexSettings.layered`)."""
         meta = read_index_meta(run)
+        if not isinstance(settings, IndexSettings):
+            settings = IndexSettings.layered(meta.get("index_settings"), settings)
         kind = store_kind or meta.get("store") or "qdrant"
         url = qdrant_url or (meta.get("qdrant_url") if not qdrant_path else None)
         path = None if url else (qdrant_path or meta.get("store_path") or default_store_path(run, kind))
         if path is not None and not qdrant_path and storage.is_remote(str(run_dir_of(run))):
             _check_local_store(run, meta, path)
-        store = open_store(kind, url=url, path=path)
+        store = open_store(kind, url=url, path=path, settings=settings)
         data_dir = meta.get("data_dir")
         split = meta.get("split", "test")
         splits = ["train", "val", "test"] if split == "all" else [split]
@@ -277,11 +282,12 @@ class Searcher:
         qdrant_url: str | None = None,
         qdrant_path: str | None = None,
         store_kind: str | None = None,
+        settings: IndexSettings | Sequence[str] = (),
     ) -> Searcher:
         meta = read_index_meta(run)
         ckpt = index_checkpoint(run, meta)  # located, not loaded: a missing checkpoint fails here, cheaply
         # The index before the model: a missing index fails before a remote checkpoint is downloaded.
-        reader = IndexReader.from_run(run, qdrant_url, qdrant_path, store_kind)
+        reader = IndexReader.from_run(run, qdrant_url, qdrant_path, store_kind, settings)
         try:
             return cls(Encoder(ckpt), reader)
         except BaseException:
@@ -340,7 +346,8 @@ def cli_search(args: argparse.Namespace) -> int:
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"no such image: {args.image}")
     try:
-        searcher = Searcher.from_run(run, qdrant_url=args.qdrant_url, qdrant_path=args.qdrant_path)
+        searcher = Searcher.from_run(run, qdrant_url=args.qdrant_url, qdrant_path=args.qdrant_path,
+                                     settings=getattr(args, "index_setting", None) or ())
     except (StoreUnavailable, IndexNotFound) as e:
         # e.g. the embedded store is open in a running `tnlbt serve` (one process per folder)
         print(f"tnlbt search: {e}", file=sys.stderr)

@@ -182,6 +182,15 @@ class IndexSettings:
         found = {k[len(_ENV_PREFIX) :]: v for k, v in env.items() if k.startswith(_ENV_PREFIX)}
         return cls.parse(found, base)
 
+    @classmethod
+    def layered(cls, recorded: dict[str, Any] | None = None, items: Iterable[str] = ()) -> IndexSettings:
+        """What a command uses: the defaults, then the settings ``recorded`` in ``index.json`` when the index
+        was built (so a reader searches the way the index was built for), then ``TNLBT_INDEX_*``, then the
+        command line's ``key=value`` items (``--index-setting``), each over the one before."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        base = cls.parse({k: v for k, v in (recorded or {}).items() if k in known})
+        return cls.parse(items, base=cls.from_env(base=base))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
