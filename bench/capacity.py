@@ -333,6 +333,23 @@ def _embed_rates(results: Path) -> tuple[dict[str, tuple[float, str, float]], di
     return (out, m) if len(out) == 2 else None
 
 
+def _tradeoff_default(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, int] | None:
+    """(build, search row, n) of the store's *default* settings in ``index.json:tradeoff`` (bench/index.py
+    tradeoff), the build whose settings equal the recorded defaults and its row at the default search settings."""
+    runs = ((d.get("tradeoff") or {}).get("runs")) or []
+    for run in reversed(runs):
+        defaults = run.get("defaults") or {}
+        for name, b in (run.get("builds") or {}).items():
+            if all(defaults.get(k) == v for k, v in (b.get("settings") or {}).items()):
+                row = next((r for r in run.get("rows", []) if r.get("variant") == name
+                            and r.get("hnsw_ef") == defaults.get("hnsw_ef")
+                            and r.get("rescore", defaults.get("rescore")) == defaults.get("rescore")
+                            and r.get("oversampling", defaults.get("oversampling")) == defaults.get("oversampling")
+                            and not r.get("ignore_quantization") and not r.get("exact")), None)
+                return b, row, int(run["n"])
+    return None
+
+
 def index_row(results: Path, nodes: int, gpus_per_node: int, cpu_nodes: int = 4, cores: int = 32) -> Row:
     n = WORKLOAD["index_vectors"]
     row = Row("index", f"embed + load {n:,} vectors", "MISSING")
@@ -383,12 +400,24 @@ def index_row(results: Path, nodes: int, gpus_per_node: int, cpu_nodes: int = 4,
                 f"{WORKLOAD['photos']:,} / ({ri:.2f}/s/core {pi} x {total}) = {fmt_h(h_img)}; recipes "
                 f"{WORKLOAD['recipes']:,} / ({rr:.2f}/s/core {pr} x {total}) = {fmt_h(h_rec)}")
             load_h = None
+            load_what = "edge load"
             edge = sorted(by_store.get("edge", []), key=lambda e: e["n"])
             if edge:
                 load_h = n / (edge[-1]["n"] / edge[-1]["build_s"]) / 3600
+            default = _tradeoff_default(d)
+            if default is not None:
+                b, r, bn = default
+                rate = bn / b["build_s"]
+                load_h = n / rate / 3600
+                load_what = f"edge load with the default index settings ({b['variant']})"
+                q = f"; recall@10 {r['recall_at_10']}, p50 {r['p50_ms']} ms ({r['setting']})" if r else ""
+                row.sources.append("index.json:tradeoff.runs[-1].builds / rows (the default settings)")
+                row.arithmetic.append(
+                    f"default index settings ({b['variant']}): build {bn:,} in {b['build_s']} s = {rate:,.0f} vec/s "
+                    f"-> {n:,} / {rate:,.0f} = {fmt_h(load_h)} (linear: a lower bound){q}")
             row.hours = h_img + h_rec + (load_h or 0.0)
             row.arithmetic.append(
-                f"table time = CPU embed {fmt_h(h_img + h_rec)} + edge load {fmt_h(load_h)} = {fmt_h(row.hours)}; "
+                f"table time = CPU embed {fmt_h(h_img + h_rec)} + {load_what} {fmt_h(load_h)} = {fmt_h(row.hours)}; "
                 f"cost = {fmt_h(h_img + h_rec)} x {cpu_nodes} x m6i.8xlarge (the load runs on one node)")
             row.cost_usd = (h_img + h_rec) * cpu_nodes * PRICES["m6i.8xlarge"] + (load_h or 0.0) * PRICES[
                 "m6i.8xlarge"]

@@ -816,3 +816,29 @@ def test_capacity_stage_model_photo_size_and_cpu_rows(tmp_path, capsys):
     per_node = 32 / (140.0 / 1000 + 2 / 100.0)
     assert rows["serve"]["status"] == "CPU"
     assert rows["serve"]["cost_usd"] == pytest.approx(math.ceil(300 / per_node) * cap.PRICES["m6i.8xlarge"] * 720)
+
+
+def test_capacity_index_load_uses_the_default_settings_build(tmp_path, capsys):
+    """With a trade-off sweep present, the load time comes from the build with the store's default settings."""
+    cap = _capacity()
+    defaults = {"quantization": "int8", "on_disk_vectors": True, "hnsw_ef": 256, "rescore": True, "oversampling": 2.0}
+    run = {"n": 1000, "defaults": defaults,
+           "builds": {"f32": {"variant": "f32", "settings": {"quantization": "none", "on_disk_vectors": False},
+                              "build_s": 100.0},
+                      "i8d": {"variant": "i8d", "settings": {"quantization": "int8", "on_disk_vectors": True},
+                              "build_s": 4.0}},
+           "rows": [{"variant": "i8d", "setting": "a", "hnsw_ef": 256, "rescore": False, "oversampling": 2.0,
+                     "recall_at_10": 0.5, "p50_ms": 1.0},
+                    {"variant": "i8d", "setting": "b", "hnsw_ef": 256, "rescore": True, "oversampling": 2.0,
+                     "recall_at_10": 0.99, "p50_ms": 0.4}]}
+    (tmp_path / "index.json").write_text(json_dumps({"results": [{"store": "edge", "n": 1000, "build_s": 50.0}],
+                                                     "tradeoff": {"runs": [run]}}))
+    embed = [{"part": p, "precision": "fp32", "batch": b, "torch_threads": 1, "vectors_per_cpu_s": 10.0,
+              "ms_per_vector": 100.0} for p in ("image", "recipe") for b in (1, 16)]
+    (tmp_path / "model.json").write_text(json_dumps({"embed": {"results": embed}}))
+    assert cap.main(["--results", str(tmp_path), "--json", "--cpu-nodes", "1", "--cores-per-node", "10"]) == 0
+    row = next(r for r in json_loads(capsys.readouterr().out) if r["stage"] == "index")
+    wl = cap.WORKLOAD
+    want = (wl["photos"] + wl["recipes"]) / (10.0 * 10) / 3600 + wl["index_vectors"] / (1000 / 4.0) / 3600
+    assert row["hours"] == pytest.approx(want)
+    assert any("recall@10 0.99, p50 0.4 ms (b)" in a for a in row["arithmetic"])
