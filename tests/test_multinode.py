@@ -8,7 +8,10 @@ What it proves (issue 6, section 4):
   loop resumes from the last checkpoint in the shared storage path, no epoch lost or counted twice;
 * the project's own commands do the same: ``tnlbt synth`` -> ``tnlbt preprocess`` (Ray Data over the nodes)
   -> ``tnlbt train --config tiny_test`` with 2 workers, a worker node killed after the first epoch's
-  checkpoint, and the run finishing every epoch and every step from that checkpoint;
+  checkpoint, and the run finishing every epoch and every step from that checkpoint. Raw data, processed data
+  and the run directory live on an object store with S3's semantics (``s3://`` routed by
+  ``TNLBT_STORAGE_ROUTES`` to :class:`tnlbt.storage.ObjectStoreOnDisk`: no shared directories, no appends, no
+  renames), as on a cluster whose nodes share nothing but a bucket;
 * teardown leaves no process behind.
 
 Process bookkeeping: every ``ray start`` runs in its own session (``start_new_session=True``) with an
@@ -429,31 +432,42 @@ def _train_worker_nodes(cluster: LocalCluster) -> set[str]:
     return {node for _, cmd, node in cluster.leftovers() if "RayTrainWorker" in cmd}
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.exists():
+def _records(path: Path | str) -> list[dict]:
+    from tnlbt import storage
+
+    if not storage.exists(path):
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             out.append(json.loads(line))
     return out
 
 
 @pytest.mark.timeout(2400)  # minutes on a quiet 2-core box; much longer when the CPUs are shared
-def test_tnlbt_pipeline_survives_losing_a_node(cluster, tmp_path):
-    """synth -> preprocess (Ray Data over the nodes) -> 2-worker tiny training; a worker node dies mid-run."""
+def test_tnlbt_pipeline_survives_losing_a_node(cluster, tmp_path, monkeypatch):
+    """synth -> preprocess (Ray Data over the nodes) -> 2-worker tiny training; a worker node dies mid-run.
+
+    Everything but the generator's output lives on the object store; the nodes were started without the route,
+    so it reaches their workers only through the commands' ``runtime_env`` forwarding."""
+    from tnlbt import storage
+
     missing = [k for k, ok in _tnlbt_available().items() if not ok]
     if missing:
         pytest.skip(f"tnlbt commands not written yet: {missing}")
     # A replacement for the node the previous test killed, as an autoscaler would provide.
     cluster.add_node("node_c", 2)
     tnlbt = [sys.executable, "-m", "tnlbt"]
-    raw, processed, runs = tmp_path / "raw", tmp_path / "processed", tmp_path / "runs"
+    routes = f"s3={tmp_path / 'objects'}"
+    monkeypatch.setenv("TNLBT_STORAGE_ROUTES", routes)  # this process reads the bucket too
+    cluster.env["TNLBT_STORAGE_ROUTES"] = routes  # drivers only: nodes learn it from the commands
+    local_raw = tmp_path / "raw"
+    raw, processed, runs = "s3://mn/raw", "s3://mn/processed", "s3://mn/runs"
     timings: dict[str, float] = {}
 
     t = time.time()
     synth = subprocess.run(
-        [*tnlbt, "synth", "--out", str(raw), "--recipes", "160", "--workers", "1", "--image-size", "64"],
+        [*tnlbt, "synth", "--out", str(local_raw), "--recipes", "160", "--workers", "1", "--image-size", "64"],
         env=cluster.env,
         cwd=str(ROOT),
         capture_output=True,
@@ -462,16 +476,18 @@ def test_tnlbt_pipeline_survives_losing_a_node(cluster, tmp_path):
         start_new_session=True,
     )
     assert synth.returncode == 0, synth.stdout[-2000:] + synth.stderr[-3000:]
+    storage.upload_dir(local_raw, raw)
     timings["synth_s"] = time.time() - t
 
     t = time.time()
     log = tmp_path / "preprocess.log"
     proc = cluster.run(
-        [*tnlbt, "preprocess", "--data", str(raw), "--out", str(processed), "--config", "tiny_test"], 300, log
+        [*tnlbt, "preprocess", "--data", raw, "--out", processed, "--config", "tiny_test"], 300, log
     )
     proc.wait(timeout=400)
     assert proc.returncode == 0, log.read_text()[-4000:]
-    assert any((processed / "train").glob("*.parquet")), log.read_text()[-2000:]
+    assert any(n.endswith(".parquet") for n in storage.listdir(f"{processed}/train")), log.read_text()[-2000:]
+    assert not storage.exists(f"{processed}/_work"), "preprocess left its working files on the bucket"
     timings["preprocess_s"] = time.time() - t
 
     epochs = 2  # the kill comes after epoch 0's checkpoint; epoch 1 runs after the restart
@@ -484,7 +500,7 @@ def test_tnlbt_pipeline_survives_losing_a_node(cluster, tmp_path):
             "--config",
             "tiny_test",
             "--data",
-            str(processed),
+            processed,
             "--name",
             "mn",
             f"train.runs_dir={runs}",
@@ -495,10 +511,12 @@ def test_tnlbt_pipeline_survives_losing_a_node(cluster, tmp_path):
         600,
         log,
     )
-    metrics = runs / "mn" / "metrics.jsonl"
+    metrics = f"{runs}/mn/metrics.jsonl"
     try:
+        # The first epoch's checkpoint is on the bucket once its completion marker is (train_state.pt goes
+        # last); its val record is published just before, so waiting for that alone can kill too early.
         _wait_for(
-            lambda: any(r.get("kind") == "val" for r in _records(metrics)),
+            lambda: storage.exists(f"{runs}/mn/checkpoints/last/train_state.pt"),
             1500,
             "the first epoch's checkpoint",
             proc,
@@ -525,6 +543,10 @@ def test_tnlbt_pipeline_survives_losing_a_node(cluster, tmp_path):
     steps = sorted({r["step"] for r in recs if r.get("kind") == "train"})
     final_step = max(steps)
     assert steps == list(range(1, final_step + 1)), "a training step is missing from the metrics"
+    # The run directory on the bucket is complete: both checkpoints, the config, the curves.
+    for name in ("last", "best"):
+        assert storage.exists(f"{runs}/mn/checkpoints/{name}/train_state.pt"), name
+    assert storage.exists(f"{runs}/mn/config.json") and storage.exists(f"{runs}/mn/curves.png")
     timings.update(
         train_s=time.time() - t0,
         kill_after_s=t_kill - t0,
