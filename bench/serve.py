@@ -3,6 +3,7 @@ concurrencies, with the error count.
 
     .venv/bin/python bench/serve.py --url http://127.0.0.1:8000            # an API that is already running
     .venv/bin/python bench/serve.py --index-size 10000 --preset tiny_test   # build a bench index and serve it
+    .venv/bin/python bench/serve.py --index-size 100000 --index-setting quantization=none  # a float32 index
 
 Without ``--url`` the script builds a throw-away run: a randomly initialised model of ``--preset``, a few real
 recipes embedded with it, and the photo / recipe collections padded with random unit vectors up to
@@ -23,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +79,8 @@ def _jpeg(rng: np.random.Generator, size: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def build_bench_run(root: Path, preset: str, index_size: int, store: str, n_real: int = 64) -> Path:
+def build_bench_run(root: Path, preset: str, index_size: int, store: str, n_real: int = 64,
+                    settings: Any = None) -> Path:
     """Random-init model, ``n_real`` embedded recipes, random padding up to ``index_size`` per collection."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -163,9 +166,10 @@ def build_bench_run(root: Path, preset: str, index_size: int, store: str, n_real
         {"recipe_id": lambda i: f"r{i:07d}", "title": lambda i: f"padding {i}", "split": lambda i: "test"},
     )
     path = default_store_path(run, store)
-    st = open_store(store, path=path)
+    st = open_store(store, path=path, settings=settings)
     try:
         info = load_into_store(st, rec, pho, "v1", keep=1)
+        applied = st.settings.to_dict()
     finally:
         st.close()
     write_index_meta(
@@ -180,6 +184,7 @@ def build_bench_run(root: Path, preset: str, index_size: int, store: str, n_real
             "checkpoint": str(ckpt),
             "dim": d,
             "image_root": "",
+            "index_settings": applied,
         },
     )
     return run
@@ -261,11 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=float, default=0.0, help="CPUs per encoder replica (0 = fit the box)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--note", default="")
+    p.add_argument("--index-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="index settings of the bench index (tnlbt/index/store.py IndexSettings); repeatable")
     a = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     url = a.url
     setting = {"index_size": a.index_size, "preset": a.preset, "store": a.store} if not url else {"url": url}
+    settings = None
+    if not url:
+        from tnlbt.index.store import IndexSettings
+
+        settings = IndexSettings.parse(a.index_setting)
+        # Keyed by every setting that differs from the defaults, so float32 and int8 runs are kept side by side.
+        changed = {k: v for k, v in settings.to_dict().items() if v != getattr(IndexSettings(), k)}
+        setting["index_settings"] = changed or "defaults"
     if not url:
         import ray
 
@@ -273,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
         root = Path(tempfile.mkdtemp(prefix="bench_serve_"))
         t = time.perf_counter()
-        run = build_bench_run(root, a.preset, a.index_size, a.store)
+        run = build_bench_run(root, a.preset, a.index_size, a.store, settings=settings)
         print(
             f"bench run with {a.index_size} points per collection built in {time.perf_counter() - t:.0f}s",
             flush=True,
