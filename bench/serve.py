@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             r = load(url, kind, c, a.duration, texts if kind == "text" else images)
             r.update(setting)
             r["note"] = a.note
+            r["load_avg_1m"] = round(os.getloadavg()[0], 2)
             print(json.dumps(r), flush=True)
             doc["results"] = [
                 x
