@@ -271,12 +271,16 @@ def train_row(results: Path, gpus: int, node_type: str, gpus_per_node: int, pric
             f"{wl['epochs']} x {steps} steps x {wl['global_batch']} / ({per_gpu:.1f} "
             f"samples/s/GPU x {gpus}) = {fmt_h(row.hours)}"
         )
+        measured_on = ((t or {}).get("gpu_machine") or {}).get("gpu", "an unrecorded GPU")
+        row.arithmetic.append(
+            f"the rate was measured on {measured_on}, the nodes priced are {node_type}: if those GPUs differ, "
+            "the time scales with the ratio of their speeds (not applied here); linear in GPUs (data parallel, "
+            "the per-step gather is only D x global batch floats)")
         row.status = "ok"
         return row
     row.missing.append(
-        "GPU throughput: no GPU measurement exists yet (no GPU machine was lent this "
-        "session); run bench/model.py on a GPU and record samples/s as train.json "
-        "gpu_samples_per_s"
+        "GPU throughput: no GPU measurement exists yet (no GPU machine has been lent); "
+        "bench/gpu_check.py on a GPU writes train.json gpu_samples_per_s_per_worker"
     )
     # CPU figures are still useful as a floor on how slow it would be without GPUs, and as the scaling check.
     m = load(results, "model")
@@ -377,52 +381,72 @@ def index_row(results: Path, nodes: int, gpus_per_node: int, cpu_nodes: int = 4,
             row.arithmetic.append(f"{store}: load rate by size: {trend} (falls with size: superlinear build)")
     if entries:
         row.status = "partial"
+    load_h, load_what = _load_hours(d, by_store, n, row)
+    gpus = nodes * gpus_per_node
     embed = find(d, ("embed_vectors_per_s_per_gpu", "embed_per_s_per_gpu"))
-    if embed:
-        h = n / (embed[0] * nodes * gpus_per_node) / 3600
-        row.sources.append(f"index.json:{embed[1]}")
+    img_g, rec_g = d.get("embed_image_per_s_per_gpu"), d.get("embed_recipe_per_s_per_gpu")
+    embed_h = None
+    if img_g and rec_g:  # bench/gpu_check.py: the two encoders separately
+        embed_h = WORKLOAD["photos"] / (img_g * gpus) / 3600 + WORKLOAD["recipes"] / (rec_g * gpus) / 3600
+        row.sources.append(f"index.json:embed_{{image,recipe}}_per_s_per_gpu ({d.get('embed_machine', {}).get('gpu')})")
         row.arithmetic.append(
-            f"embed {n:,} / ({embed[0]:,.0f}/s/GPU x {nodes * gpus_per_node} GPUs) = {fmt_h(h)}"
-        )
-        row.hours = h
-    else:
-        row.missing.append("encoder inference throughput on GPU (embed vectors/s/GPU); none measured yet")
-        er = _embed_rates(results)
-        if er is not None:
-            rates, m = er
-            (ri, pi, _), (rr, pr, _) = rates["image"], rates["recipe"]
-            total = cpu_nodes * cores
-            h_img = WORKLOAD["photos"] / (ri * total) / 3600
-            h_rec = WORKLOAD["recipes"] / (rr * total) / 3600
-            row.sources.append(f"model.json:embed.results[torch_threads=1] ({machine_note(m)})")
-            row.arithmetic.append(
-                f"embed on CPU instead ({cpu_nodes} x m6i.8xlarge, {total} cores, linear): photos "
-                f"{WORKLOAD['photos']:,} / ({ri:.2f}/s/core {pi} x {total}) = {fmt_h(h_img)}; recipes "
-                f"{WORKLOAD['recipes']:,} / ({rr:.2f}/s/core {pr} x {total}) = {fmt_h(h_rec)}")
-            load_h = None
-            load_what = "edge load"
-            edge = sorted(by_store.get("edge", []), key=lambda e: e["n"])
-            if edge:
-                load_h = n / (edge[-1]["n"] / edge[-1]["build_s"]) / 3600
-            default = _tradeoff_default(d)
-            if default is not None:
-                b, r, bn = default
-                rate = bn / b["build_s"]
-                load_h = n / rate / 3600
-                load_what = f"edge load with the default index settings ({b['variant']})"
-                q = f"; recall@10 {r['recall_at_10']}, p50 {r['p50_ms']} ms ({r['setting']})" if r else ""
-                row.sources.append("index.json:tradeoff.runs[-1].builds / rows (the default settings)")
-                row.arithmetic.append(
-                    f"default index settings ({b['variant']}): build {bn:,} in {b['build_s']} s = {rate:,.0f} vec/s "
-                    f"-> {n:,} / {rate:,.0f} = {fmt_h(load_h)} (linear: a lower bound){q}")
-            row.hours = h_img + h_rec + (load_h or 0.0)
-            row.arithmetic.append(
-                f"table time = CPU embed {fmt_h(h_img + h_rec)} + {load_what} {fmt_h(load_h)} = {fmt_h(row.hours)}; "
-                f"cost = {fmt_h(h_img + h_rec)} x {cpu_nodes} x m6i.8xlarge (the load runs on one node)")
-            row.cost_usd = (h_img + h_rec) * cpu_nodes * PRICES["m6i.8xlarge"] + (load_h or 0.0) * PRICES[
-                "m6i.8xlarge"]
-            row.status = "CPU"
+            f"embed on {gpus} GPUs: photos {WORKLOAD['photos']:,} / ({img_g:,.0f}/s/GPU x {gpus}) + recipes "
+            f"{WORKLOAD['recipes']:,} / ({rec_g:,.0f}/s/GPU x {gpus}) = {fmt_h(embed_h)}")
+    elif embed:
+        embed_h = n / (embed[0] * gpus) / 3600
+        row.sources.append(f"index.json:{embed[1]}")
+        row.arithmetic.append(f"embed {n:,} / ({embed[0]:,.0f}/s/GPU x {gpus} GPUs) = {fmt_h(embed_h)}")
+    if embed_h is not None:
+        row.hours = embed_h + (load_h or 0.0)
+        row.cost_usd = embed_h * nodes * PRICES["g5.xlarge"] + (load_h or 0.0) * PRICES["m6i.8xlarge"]
+        row.arithmetic.append(
+            f"table time = GPU embed {fmt_h(embed_h)} + {load_what} {fmt_h(load_h)} = {fmt_h(row.hours)}; cost = "
+            f"{fmt_h(embed_h)} x {nodes} x g5.xlarge + the load on one m6i.8xlarge")
+        row.status = "ok" if load_h is not None else "partial"
+        return row
+    row.missing.append("encoder inference throughput on GPU (bench/gpu_check.py on a GPU); none measured yet")
+    er = _embed_rates(results)
+    if er is None:
+        return row
+    rates, m = er
+    (ri, pi, _), (rr, pr, _) = rates["image"], rates["recipe"]
+    total = cpu_nodes * cores
+    h_img = WORKLOAD["photos"] / (ri * total) / 3600
+    h_rec = WORKLOAD["recipes"] / (rr * total) / 3600
+    row.sources.append(f"model.json:embed.results[torch_threads=1] ({machine_note(m)})")
+    row.arithmetic.append(
+        f"embed on CPU instead ({cpu_nodes} x m6i.8xlarge, {total} cores, linear): photos "
+        f"{WORKLOAD['photos']:,} / ({ri:.2f}/s/core {pi} x {total}) = {fmt_h(h_img)}; recipes "
+        f"{WORKLOAD['recipes']:,} / ({rr:.2f}/s/core {pr} x {total}) = {fmt_h(h_rec)}")
+    row.hours = h_img + h_rec + (load_h or 0.0)
+    row.arithmetic.append(
+        f"table time = CPU embed {fmt_h(h_img + h_rec)} + {load_what} {fmt_h(load_h)} = {fmt_h(row.hours)}; "
+        f"cost = {fmt_h(h_img + h_rec)} x {cpu_nodes} x m6i.8xlarge (the load runs on one node)")
+    row.cost_usd = (h_img + h_rec) * cpu_nodes * PRICES["m6i.8xlarge"] + (load_h or 0.0) * PRICES["m6i.8xlarge"]
+    row.status = "CPU"
     return row
+
+
+def _load_hours(d: dict[str, Any], by_store: dict[str, list[dict[str, Any]]], n: int, row: Row
+                ) -> tuple[float | None, str]:
+    """Hours to load ``n`` vectors into the embedded store: the default-settings build of the trade-off sweep
+    when there is one, else the largest plain edge build (both linear, a lower bound)."""
+    load_h, load_what = None, "edge load"
+    edge = sorted(by_store.get("edge", []), key=lambda e: e["n"])
+    if edge:
+        load_h = n / (edge[-1]["n"] / edge[-1]["build_s"]) / 3600
+    default = _tradeoff_default(d)
+    if default is not None:
+        b, r, bn = default
+        rate = bn / b["build_s"]
+        load_h = n / rate / 3600
+        load_what = f"edge load with the default index settings ({b['variant']})"
+        q = f"; recall@10 {r['recall_at_10']}, p50 {r['p50_ms']} ms ({r['setting']})" if r else ""
+        row.sources.append("index.json:tradeoff.runs[-1].builds / rows (the default settings)")
+        row.arithmetic.append(
+            f"default index settings ({b['variant']}): build {bn:,} in {b['build_s']} s = {rate:,.0f} vec/s "
+            f"-> {n:,} / {rate:,.0f} = {fmt_h(load_h)} (linear: a lower bound){q}")
+    return load_h, load_what
 
 
 def serve_row(results: Path, qps: float, prices: dict[str, float]) -> Row:

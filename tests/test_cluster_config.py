@@ -842,3 +842,26 @@ def test_capacity_index_load_uses_the_default_settings_build(tmp_path, capsys):
     want = (wl["photos"] + wl["recipes"]) / (10.0 * 10) / 3600 + wl["index_vectors"] / (1000 / 4.0) / 3600
     assert row["hours"] == pytest.approx(want)
     assert any("recall@10 0.99, p50 0.4 ms (b)" in a for a in row["arithmetic"])
+
+
+def test_capacity_gpu_rows_from_gpu_check_keys(tmp_path, capsys):
+    """What bench/gpu_check.py merges into the results turns the GPU rows into computed ones (hand twin)."""
+    cap = _capacity()
+    (tmp_path / "train.json").write_text(json_dumps({"gpu_samples_per_s_per_worker": 200.0}))
+    (tmp_path / "index.json").write_text(json_dumps({
+        "results": [{"store": "edge", "n": 1000, "build_s": 10.0}],
+        "embed_image_per_s_per_gpu": 1000.0, "embed_recipe_per_s_per_gpu": 4000.0, "embed_machine": {"gpu": "X"}}))
+    (tmp_path / "serve.json").write_text(json_dumps({"gpu_qps_per_replica": 50.0}))
+    assert cap.main(["--results", str(tmp_path), "--json", "--gpus", "8", "--index-gpu-nodes", "2",
+                     "--qps", "120"]) == 0
+    rows = {r["stage"]: r for r in json_loads(capsys.readouterr().out)}
+    wl = cap.WORKLOAD
+    steps = wl["paired_train"] // wl["global_batch"]
+    assert rows["train"]["status"] == "ok"
+    assert rows["train"]["hours"] == pytest.approx(wl["epochs"] * steps * wl["global_batch"] / (200.0 * 8) / 3600)
+    embed_h = wl["photos"] / (1000.0 * 2) / 3600 + wl["recipes"] / (4000.0 * 2) / 3600
+    load_h = wl["index_vectors"] / (1000 / 10.0) / 3600
+    assert rows["index"]["status"] == "ok"
+    assert rows["index"]["hours"] == pytest.approx(embed_h + load_h)
+    assert rows["serve"]["status"] == "ok"
+    assert rows["serve"]["cost_usd"] == pytest.approx(math.ceil(120 / 50.0) * cap.PRICES["g5.xlarge"] * 720)
