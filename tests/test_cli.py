@@ -45,3 +45,26 @@ def test_config_error_is_one_clear_line(capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "tnlbt", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "synth" in out.stdout and "preprocess" in out.stdout
+
+
+def test_index_pool_flags_reach_index_run(monkeypatch, tmp_path):
+    """--actors / --device / --index-setting are passed on (they size the pool on an autoscaling cluster)."""
+    import tnlbt.index.embed as embed
+    import tnlbt.ray_init as ray_init
+
+    seen = {}
+
+    def fake_index_run(run, **kw):
+        seen.update(kw)
+        return {"recipes": 1, "photos": 2, "skipped_photos": 0, "version": "v1", "store": "edge",
+                "qdrant_url": None, "store_path": "x", "embed_s": 0.0, "load_s": 0.0, "embeddings": "e"}
+
+    monkeypatch.setattr(embed, "index_run", fake_index_run)
+    monkeypatch.setattr(ray_init, "ensure_ray", lambda *a, **k: False)
+    rc = main(["index", "--run", str(tmp_path), "--actors", "6", "--device", "cuda", "--index-setting", "hnsw_ef=64"])
+    assert rc == 0
+    assert seen["actors"] == 6 and seen["device"] == "cuda" and seen["settings"].hnsw_ef == 64
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["index", "--run", "r", "--device", "tpu"])
+    with pytest.raises(ValueError, match="choose auto, cpu or cuda"):
+        embed.embed_split(tmp_path, tmp_path, device="tpu")

@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "qdrant-edge engine (HNSW) when installed, else qdrant-client local mode "
                    "(numbers: bench/results/index.json)")
     p.add_argument("--keep", type=int, default=2, help="index versions to keep")
+    p.add_argument("--actors", type=int, default=0,
+                   help="embedding actors (0 = size the pool from what the cluster has now); on an autoscaling "
+                   "cluster a larger pool is demand that adds nodes")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="embed on GPUs (cuda: one per actor, waits for GPU nodes), CPUs, or GPUs if present now")
     _add_index_setting_arg(p)
 
     p = sub.add_parser("search", help="query the index from the terminal")

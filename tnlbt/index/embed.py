@@ -548,6 +548,7 @@ def embed_split(
     actors: int = 0,
     batch_size: int = 32,
     num_cpus_per_actor: float = 1.0,
+    device: str = "auto",
 ) -> tuple[Any, Any, int]:
     """Embed a split on a Ray Data actor pool; returns ``(recipes, photos, skipped_photos)`` (pyarrow
     tables).
@@ -555,11 +556,17 @@ def embed_split(
     A remote checkpoint goes to the actors as its URI (each fetches it into its node's cache); a remote
     ``data_dir`` is read with the :mod:`tnlbt.storage` filesystem (``read_parquet(..., filesystem=)``), which
     pickles into the read tasks.
+
+    ``device``: ``auto`` embeds on GPUs when the cluster has some *now*, ``cuda`` / ``cpu`` decide. On an
+    autoscaling cluster that has no GPU node yet, ``cuda`` with ``actors`` > 0 queues GPU actors: demand the
+    autoscaler answers by adding GPU nodes (``auto`` would settle for CPUs).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {device!r}: choose auto, cpu or cuda")
     ckpt = str(checkpoint_location(checkpoint_dir))
     paths = split_dirs(data_dir, split)
     read_kw: dict[str, Any] = {}
@@ -573,6 +580,10 @@ def embed_split(
         map_kw["runtime_env"] = renv
     res = ray.available_resources()
     gpus = int(res.get("GPU", 0))
+    if device == "cpu":
+        gpus = 0
+    elif device == "cuda":
+        gpus = max(gpus, 1)
     if actors <= 0:
         # On CPU keep one CPU free for the Parquet read tasks: actors holding every CPU starve the reads and
         # the pipeline stalls (the same trap as Train + Data on a 2-core box).
@@ -733,6 +744,7 @@ def index_run(
     keep: int = 2,
     actors: int = 0,
     settings: Any = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Embed ``split`` with the run's checkpoint and publish a new index version. Needs Ray initialised.
 
@@ -760,7 +772,7 @@ def index_run(
     store = open_store(store_kind, url=qdrant_url, path=path, settings=settings)
     try:
         t0 = time.perf_counter()
-        recipes, photos, skipped = embed_split(ckpt, data_dir, split, actors=actors)
+        recipes, photos, skipped = embed_split(ckpt, data_dir, split, actors=actors, device=device)
         t_embed = time.perf_counter() - t0
         version = new_version()
         vdir = index_dir(run)
@@ -809,6 +821,8 @@ def cli_index(args: argparse.Namespace) -> int:
             qdrant_path=args.qdrant_path,
             settings=IndexSettings.layered(None, getattr(args, "index_setting", None) or ()),
             keep=args.keep,
+            actors=getattr(args, "actors", 0) or 0,
+            device=getattr(args, "device", "auto") or "auto",
         )
     except StoreUnavailable as e:
         # e.g. the local folder is held by a running `tnlbt serve` (qdrant-client local mode: one process)
