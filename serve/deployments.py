@@ -57,6 +57,16 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
     return (StoreUnavailable, IndexNotFound, *extra)
 
 
+def _setup_encoder(replica: Any, checkpoint_dir: str, max_batch_size: int, batch_wait_timeout_s: float,
+                   num_threads: int, device: str) -> None:
+    """Load the checkpoint (a URI is fetched into this node's cache) and size the replica's ``@serve.batch``."""
+    from tnlbt.index.embed import Encoder
+
+    replica.enc = Encoder(checkpoint_dir, device=device, num_threads=num_threads)
+    replica.encode.set_max_batch_size(max_batch_size)
+    replica.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+
 @serve.deployment(
     max_ongoing_requests=32,
     ray_actor_options={"num_cpus": 1},
@@ -74,11 +84,7 @@ class TextEncoder:
         num_threads: int = 0,
         device: str = "cpu",
     ) -> None:
-        from tnlbt.index.embed import Encoder
-
-        self.enc = Encoder(checkpoint_dir, device=device, num_threads=num_threads)
-        self.encode.set_max_batch_size(max_batch_size)
-        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        _setup_encoder(self, checkpoint_dir, max_batch_size, batch_wait_timeout_s, num_threads, device)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, queries: list[dict[str, Any]]) -> list[list[float]]:
@@ -107,11 +113,7 @@ class ImageEncoder:
         num_threads: int = 0,
         device: str = "cpu",
     ) -> None:
-        from tnlbt.index.embed import Encoder
-
-        self.enc = Encoder(checkpoint_dir, device=device, num_threads=num_threads)
-        self.encode.set_max_batch_size(max_batch_size)
-        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        _setup_encoder(self, checkpoint_dir, max_batch_size, batch_wait_timeout_s, num_threads, device)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def encode(self, images: list[Any]) -> list[list[float]]:

@@ -22,6 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: several test processes share two cores here, and their
+    threads would spin against each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray cluster for the whole test session (never two at once; no xdist with Ray tests).

@@ -100,12 +100,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Several test processes share two cores here; intra-op threads then spin against each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,8 @@ COMMON = ("train.epochs=2", "train.max_steps_per_epoch=3", "train.val_bag_size=3
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")
