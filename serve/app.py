@@ -141,7 +141,7 @@ def load_examples(run: str | Path, n: int = 4) -> dict[str, Any]:
 
     from tnlbt import storage
     from tnlbt.index.embed import local_run_dir, read_index_meta
-    from tnlbt.index.search import join_under, parquet_file, parquet_files
+    from tnlbt.index.search import join_under, parquet_files
 
     meta = read_index_meta(run)
     data_dir = meta.get("data_dir")
@@ -155,7 +155,7 @@ def load_examples(run: str | Path, n: int = 4) -> dict[str, Any]:
         return out
     cols = ["title", "ingredients", "instructions", "image_ids", "images"]
     if storage.is_remote(files[0]):
-        t = parquet_file(files[0]).read_row_group(0, columns=cols)  # one row group, not the whole shard
+        t = storage.open_parquet(files[0]).read_row_group(0, columns=cols)  # one row group, not the whole shard
     else:
         t = pq.read_table(files[0], columns=cols)
     t = t.slice(0, min(len(t), 64))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -314,3 +315,27 @@ def test_routes_env_is_validated_and_code_routes_win(tmp_path, monkeypatch):
     finally:
         storage.register_filesystem("s3", None)
         monkeypatch.delenv("TNLBT_STORAGE_ROUTES")
+
+
+@pytest.mark.parametrize("where", ["local", "object_store"])
+def test_file_helpers_behave_alike_on_disk_and_on_the_store(where, tmp_path, disk_s3):
+    """isfile / list_files / open_parquet give the same answers locally and on the store; as_local keeps a
+    relative path relative and refuses a remote URI."""
+    base = str(tmp_path / "loc") if where == "local" else "s3://bucket/p"
+    for name in ("part-p00000.parquet", "part-r00000.parquet", ".part-p00001.parquet.tmp", "vocab.json"):
+        storage.write_bytes(storage.join(base, "train", name), b"x")
+    fs, path = storage.resolve(storage.join(base, "val", "part-p00000.parquet"))
+    storage.ensure_parent(storage.join(base, "val", "part-p00000.parquet"))
+    pq.write_table(pa.table({"id": ["a", "b"]}), path, filesystem=fs)
+    train = storage.join(base, "train")
+    assert storage.list_files(train, "part-*.parquet") == ["part-p00000.parquet", "part-r00000.parquet"]
+    assert storage.list_files(train) == [".part-p00001.parquet.tmp", "part-p00000.parquet",
+                                         "part-r00000.parquet", "vocab.json"]
+    assert storage.list_files(storage.join(base, "missing")) == []
+    assert storage.isfile(storage.join(train, "vocab.json")) and not storage.isfile(train)
+    pf = storage.open_parquet(storage.join(base, "val", "part-p00000.parquet"))
+    assert pf.read().column("id").to_pylist() == ["a", "b"]
+    assert storage.as_local("rel/x") == Path("rel/x")
+    assert storage.as_local(f"file://{tmp_path}") == tmp_path
+    with pytest.raises(storage.StorageError):
+        storage.as_local("s3://bucket/p")

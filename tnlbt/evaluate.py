@@ -115,38 +115,14 @@ def embed_split(
 
 
 def _row_batches(split_dir: str | Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Paired rows of a split in batches: :class:`~tnlbt.data.dataset.RecipeDataset` for a local folder (as
-    before; raises ``FileNotFoundError`` at once), :func:`_remote_batches` for a URI."""
-    if storage.scheme(split_dir) != "":
-        return _remote_batches(os.fspath(split_dir), batch_size)
+    """Paired rows of a split (local folder or URI) in batches, through
+    :class:`~tnlbt.data.dataset.RecipeDataset` (row groups read lazily and cached; raises ``FileNotFoundError``
+    at once when the split has no part files)."""
     from tnlbt.data.dataset import RecipeDataset
 
     ds = RecipeDataset(split_dir, paired_only=True, columns=_COLUMNS)
     n = len(ds)
     return ([ds[i] for i in range(start, min(start + batch_size, n))] for start in range(0, n, batch_size))
-
-
-def _remote_batches(split_uri: str, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Paired rows of ``{split_uri}/part-*.parquet`` read through storage, one row group at a time."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    names = [n for n in storage.listdir(split_uri) if n.startswith("part-") and n.endswith(".parquet")]
-    if not names:
-        raise FileNotFoundError(f"no part-*.parquet files in {split_uri} (run `tnlbt preprocess` first)")
-    buf: list[dict[str, Any]] = []
-    for name in names:
-        with storage.open_input(storage.join(split_uri, name)) as f:
-            pf = pq.ParquetFile(f)
-            for gi in range(pf.metadata.num_row_groups):
-                table = pf.read_row_group(gi, columns=_COLUMNS)
-                for row in table.filter(pc.field("has_image")).to_pylist():
-                    buf.append(row)
-                    if len(buf) == batch_size:
-                        yield buf
-                        buf = []
-    if buf:
-        yield buf
 
 
 def find_checkpoint(run: str | Path) -> Path | str:

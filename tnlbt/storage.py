@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 __all__ = [
     "ObjectStoreOnDisk",
     "StorageError",
+    "as_local",
     "as_text_stream",
     "cache_dir",
     "clear_filesystem_cache",
@@ -43,13 +44,16 @@ __all__ = [
     "exists",
     "is_remote",
     "isdir",
+    "isfile",
     "join",
+    "list_files",
     "listdir",
     "local_path",
     "makedirs",
     "object_store_on_disk",
     "open_input",
     "open_output",
+    "open_parquet",
     "ray_runtime_env",
     "ray_storage",
     "read_bytes",
@@ -239,6 +243,44 @@ def exists(uri: str | os.PathLike[str]) -> bool:
 def isdir(uri: str | os.PathLike[str]) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def isfile(uri: str | os.PathLike[str]) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def list_files(uri: str | os.PathLike[str], *patterns: str) -> list[str]:
+    """Sorted names of the files (not folders) directly under ``uri`` matching any ``fnmatch`` pattern (all
+    files without patterns); ``[]`` if the folder does not exist."""
+    import fnmatch
+
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    names = (posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.File)
+    return sorted(n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def as_local(uri: str | os.PathLike[str]) -> Path:
+    """A local location as a Path: a plain path as given (a relative path stays relative), a ``file://`` URI
+    as its absolute path. Raises :class:`StorageError` for a remote URI (callers branch on :func:`is_remote`)."""
+    s = os.fspath(uri)
+    if scheme(s) == "":
+        return Path(s)
+    lp = local_path(s)
+    if lp is None:
+        raise StorageError(f"{s!r} is not a local path")
+    return Path(lp)
+
+
+def open_parquet(uri: str | os.PathLike[str]) -> Any:
+    """A :class:`pyarrow.parquet.ParquetFile` for a local path or a URI (read lazily, row group by row group)."""
+    import pyarrow.parquet as pq
+
+    if not is_remote(uri):
+        return pq.ParquetFile(as_local(uri))
+    fs, path = resolve(uri)
+    return pq.ParquetFile(path, filesystem=fs)
 
 
 def listdir(uri: str | os.PathLike[str]) -> list[str]:

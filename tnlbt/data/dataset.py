@@ -28,19 +28,16 @@ def split_files(split_dir: str | Path) -> list[Path] | list[str]:
     """The split's Parquet files in a stable order: Paths for a local folder, URIs for a remote one."""
     from tnlbt import storage
 
+    names = storage.list_files(split_dir, "part-*.parquet")  # not the hidden .part-*.tmp of a running write
     if not storage.is_remote(split_dir):
-        return sorted(Path(storage.local_path(split_dir) or split_dir).glob("part-*.parquet"))
-    # Names only: object stores have no hidden temp files, but skip anything that is not a part file.
-    return [storage.join(split_dir, n) for n in storage.listdir(split_dir) if fnmatch.fnmatchcase(n, "part-*.parquet")]
+        return [Path(storage.local_path(split_dir)) / n for n in names]
+    return [storage.join(split_dir, n) for n in names]
 
 
 def _open_parquet(path: str | Path) -> pq.ParquetFile:
     from tnlbt import storage
 
-    if isinstance(path, Path) or not storage.is_remote(path):
-        return pq.ParquetFile(path)
-    fs, inner = storage.resolve(path)
-    return pq.ParquetFile(inner, filesystem=fs)
+    return storage.open_parquet(path)
 
 
 class RecipeDataset(Dataset):

@@ -115,19 +115,6 @@ def _stem(uri: str | os.PathLike[str]) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def _is_file(uri: str | os.PathLike[str]) -> bool:
-    fs, path = storage.resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def _list_files(folder: str | os.PathLike[str], *patterns: str) -> list[str]:
-    """Sorted names of the files (not folders) directly under ``folder`` that match one of ``patterns``."""
-    fs, path = storage.resolve(folder)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    names = (posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.File)
-    return sorted(n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns))
-
-
 def _write_marker(uri: str, text: str) -> None:
     """Write a small file so that it is never seen half-written.
 
@@ -298,7 +285,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     layer2_path = storage.join(data, "layer2.json")
     det_path = storage.join(data, "det_ingrs.json")
     for p in (layer1, layer2_path):
-        if not _is_file(p):
+        if not storage.isfile(p):
             raise FileNotFoundError(f"{p} not found: --data must be a Recipe1M-layout folder "
                                     "(layer1.json, layer2.json, det_ingrs.json, images/)")
 
@@ -318,7 +305,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     name_list: list[str] = []
     det: dict[str, bytes] = {}
     dc = Counter()
-    if _is_file(det_path):
+    if storage.isfile(det_path):
         for obj in iter_json_array(det_path, parse_errors):
             dc["entries"] += 1
             rid, det_names = clean_det_ingrs(obj)
@@ -596,7 +583,7 @@ def _process_batch(
         # The marker names the shard's content: a resumed run that cut shards differently redoes them.
         digest = hashlib.sha1(data).hexdigest()[:16]
         done = storage.join(done_dir, f"{_stem(shard)}-{digest}.json")
-        if _is_file(done):  # finished by an earlier, interrupted run with the same fingerprint
+        if storage.isfile(done):  # finished by an earlier, interrupted run with the same fingerprint
             results.append(storage.read_text(done))
             continue
         res = process_shard(shard, _out_file(out_dir, shard), vocab=vocab, ingredients=ingredients,
@@ -635,28 +622,15 @@ def fingerprint(data_dir: str | os.PathLike[str], images_dir: str | os.PathLike[
 
 def _clean_outputs(out_dir: str | os.PathLike[str]) -> None:
     """Remove only what this command writes (never other files a user keeps in OUT)."""
-    if storage.is_remote(out_dir):
-        for split in PARTITIONS:  # no folders to remove: a prefix goes away with its last object
-            d = storage.join(out_dir, split)
-            for name in _list_files(d, "part-*.parquet", ".part-*.tmp"):
-                storage.remove(storage.join(d, name))
-        for name in _OUTPUT_NAMES:
-            storage.remove(storage.join(out_dir, name))  # a file, or every object under _work/
-        return
-    out_dir = Path(_loc(out_dir))
     for split in PARTITIONS:
-        d = out_dir / split
-        if d.is_dir():
-            for f in list(d.glob("part-*.parquet")) + list(d.glob(".part-*.tmp")):
-                f.unlink()
+        d = storage.join(out_dir, split)
+        for name in storage.list_files(d, "part-*.parquet", ".part-*.tmp"):
+            storage.remove(storage.join(d, name))
+        if not storage.is_remote(d):  # an object store has no empty folders to remove
             with contextlib.suppress(OSError):
-                d.rmdir()
+                os.rmdir(storage.as_local(d))
     for name in _OUTPUT_NAMES:
-        p = out_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+        storage.remove(storage.join(out_dir, name))  # a file, or a whole folder (_work/)
 
 
 def _progress_bars() -> None:
@@ -683,11 +657,11 @@ def preprocess(
     data_dir, out_dir = _loc(data_dir), _loc(out_dir)
     img_root = _loc(images_dir or cfg.image_root or storage.join(data_dir, "images"))
     layer1 = storage.join(data_dir, "layer1.json")
-    if not _is_file(layer1):
+    if not storage.isfile(layer1):
         raise FileNotFoundError(f"{layer1} not found: --data must be a Recipe1M-layout folder")
     fp = fingerprint(data_dir, img_root, cfg)
     success = storage.join(out_dir, "_SUCCESS")
-    if _is_file(success) and not overwrite:
+    if storage.isfile(success) and not overwrite:
         done = json.loads(storage.read_text(success))
         if done.get("fingerprint") == fp:
             log.info("%s is complete for this input and config; nothing to do (--overwrite to redo)", out_dir)
@@ -700,7 +674,7 @@ def preprocess(
     # markers let any later run resume (see the module docstring).
     work = storage.join(out_dir, "_work")
     fp_file = storage.join(work, "fingerprint")
-    resume = not overwrite and _is_file(fp_file) and storage.read_text(fp_file).strip() == fp
+    resume = not overwrite and storage.isfile(fp_file) and storage.read_text(fp_file).strip() == fp
     if not resume:
         _clean_outputs(out_dir)
     shard_dir, done_dir = storage.join(work, "shards"), storage.join(work, "done")
@@ -710,7 +684,7 @@ def preprocess(
 
     # Stage 1: stream the raw files (driver).
     t0 = time.perf_counter()
-    for old in _list_files(shard_dir, "*.jsonl"):
+    for old in storage.list_files(shard_dir, "*.jsonl"):
         storage.remove(storage.join(shard_dir, old))
     raw = read_raw(data_dir, shard_dir, cfg)
     t_read = time.perf_counter() - t0
@@ -769,7 +743,7 @@ def preprocess(
         # Files left by an interrupted run whose shards were cut differently are not part of this output.
         wanted = {(r["split"], r["file"]) for r in results if r["file"]}
         for split in PARTITIONS:
-            for name in _list_files(storage.join(out_dir, split), "part-*.parquet"):
+            for name in storage.list_files(storage.join(out_dir, split), "part-*.parquet"):
                 if (split, name) not in wanted:
                     storage.remove(storage.join(out_dir, split, name))
     finally:

@@ -97,12 +97,6 @@ def _uri(p: str | Path) -> str:
     return s.rstrip("/") if not s.endswith("://") else s
 
 
-def _local(p: str | Path) -> Path:
-    """A local path or ``file://`` URI as a Path (a plain path is kept as given, relative or not)."""
-    s = os.fspath(p)
-    return Path(s) if storage.scheme(s) == "" else Path(storage.local_path(s) or s)
-
-
 cache_dir = storage.cache_dir  # per-machine cache for the local side of remote runs
 
 
@@ -124,7 +118,7 @@ def worker_runtime_env() -> dict[str, Any] | None:
 
 
 def _local_checkpoint(run: str | Path) -> Path:
-    run = _local(run)
+    run = storage.as_local(run)
     if (run / WEIGHTS).exists():
         return run
     for name in ("best", "last"):
@@ -228,7 +222,7 @@ def run_dir_of(run: str | Path) -> Path | str:
         if posixpath.basename(parent) == "checkpoints" and storage.exists(storage.join(uri, WEIGHTS)):
             return posixpath.dirname(parent)
         return uri
-    run = _local(run)
+    run = storage.as_local(run)
     if (run / WEIGHTS).exists() and run.parent.name == "checkpoints":
         return run.parent.parent
     return run
@@ -528,14 +522,9 @@ def split_dirs(data_dir: str | Path, split: str) -> list[str]:
     splits = ["train", "val", "test"] if split == "all" else [split]
     out = []
     for s in splits:
-        if _is_remote(data_dir):
-            d = storage.join(_uri(data_dir), s)
-            if any(n.endswith(".parquet") for n in storage.listdir(d)):
-                out.append(d)
-            continue
-        d = _local(data_dir) / s
-        if d.is_dir() and any(d.glob("*.parquet")):
-            out.append(str(d))
+        d = storage.join(_uri(data_dir), s) if _is_remote(data_dir) else str(storage.as_local(data_dir) / s)
+        if storage.list_files(d, "*.parquet"):
+            out.append(d)
     if not out:
         raise FileNotFoundError(f"no Parquet files for split {split!r} under {data_dir} (run `tnlbt preprocess`)")
     return out
@@ -655,7 +644,7 @@ def write_embeddings(out_dir: Path | str, recipes: Any, photos: Any) -> Path | s
         fs, inner = storage.resolve(uri)
         pq.write_table(pa.concat_tables(parts), inner, filesystem=fs)
         return uri
-    out_dir = _local(out_dir)
+    out_dir = storage.as_local(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     p = out_dir / "embeddings.parquet"
     pq.write_table(pa.concat_tables(parts), p)

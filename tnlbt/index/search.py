@@ -133,7 +133,7 @@ class ImageSource:
                 m: dict[str, tuple[str, int, int, int]] = {}
                 for d in self.parquet_dirs:
                     for f in parquet_files(d):
-                        pf = parquet_file(f)
+                        pf = storage.open_parquet(f)
                         for rg in range(pf.num_row_groups):
                             ids = pf.read_row_group(rg, columns=["image_ids"])["image_ids"].to_pylist()
                             for row, lst in enumerate(ids):
@@ -156,7 +156,7 @@ class ImageSource:
         if loc is None:
             return None
         f, rg, row, pos = loc
-        table = parquet_file(f).read_row_group(rg, columns=["images"])
+        table = storage.open_parquet(f).read_row_group(rg, columns=["images"])
         return table["images"][row].as_py()[pos]
 
 
@@ -166,18 +166,7 @@ def _isdir(d: str) -> bool:
 
 def parquet_files(d: str) -> list[str]:
     """Sorted ``*.parquet`` files of a local folder or a remote prefix (as paths / URIs)."""
-    if storage.is_remote(d):
-        return [storage.join(d, n) for n in storage.listdir(d) if n.endswith(".parquet")]
-    return [str(f) for f in sorted(Path(d).glob("*.parquet"))]
-
-
-def parquet_file(f: str) -> Any:
-    import pyarrow.parquet as pq
-
-    if storage.is_remote(f):
-        fs, inner = storage.resolve(f)
-        return pq.ParquetFile(fs.open_input_file(inner))
-    return pq.ParquetFile(f)
+    return [storage.join(d, n) for n in storage.list_files(d, "*.parquet")]
 
 
 def join_under(base: str, part: str) -> str:

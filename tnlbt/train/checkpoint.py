@@ -106,11 +106,6 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def _local(p: str | Path) -> Path:
-    """A local path as given (relative paths stay relative), or the path of a ``file://`` URI."""
-    return Path(p) if storage.scheme(p) == "" else Path(storage.local_path(p) or p)
-
-
 def is_complete(ckpt_dir: str | Path, need_train_state: bool = True) -> bool:
     """True when the checkpoint folder (local path or URI) holds the model files (and ``train_state.pt``).
 
@@ -123,7 +118,7 @@ def is_complete(ckpt_dir: str | Path, need_train_state: bool = True) -> bool:
     if storage.is_remote(ckpt_dir):
         uri = os.fspath(ckpt_dir)
         return all(storage.exists(storage.join(uri, n)) for n in need)
-    d = _local(ckpt_dir)
+    d = storage.as_local(ckpt_dir)
     return d.is_dir() and all((d / n).exists() for n in need)
 
 
@@ -164,7 +159,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | str | None:
                 return uri
         return None
     for name in ("last", "best"):
-        d = _local(run_dir) / "checkpoints" / name
+        d = storage.as_local(run_dir) / "checkpoints" / name
         if is_complete(d):
             return d
     return None
@@ -186,7 +181,7 @@ def local_checkpoint(ckpt: str | Path) -> Iterator[Path]:
     """A checkpoint as a local folder: a local path as is, a remote URI downloaded to a temporary folder
     (deleted on exit). Raises ``FileNotFoundError`` when the download is not a complete checkpoint."""
     if not storage.is_remote(ckpt):
-        yield _local(ckpt)
+        yield storage.as_local(ckpt)
         return
     tmp = tempfile.mkdtemp(prefix="tnlbt-ckpt-", dir=staging_root())
     try:
@@ -212,7 +207,7 @@ def upload_checkpoint(local_dir: str | Path, uri: str | Path) -> str:
     """
     src = Path(local_dir)
     if not storage.is_remote(uri):
-        dst = _local(uri)
+        dst = storage.as_local(uri)
         if dst.resolve() != src.resolve():
             copy_checkpoint(src, dst)
         return os.fspath(uri)

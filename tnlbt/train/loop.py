@@ -92,11 +92,10 @@ def split_parquet_files(split_dir: str | Path):
     ``split_dir`` is a local path or a URI (``s3://bucket/processed/train``). Raises ``FileNotFoundError`` when
     there are none.
     """
-    import pyarrow.fs as pafs
+    import posixpath
 
     fs, base = storage.resolve(split_dir)
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    files = [posixpath.join(base, n) for n in storage.list_files(split_dir, "*.parquet")]
     if not files:
         raise FileNotFoundError(f"no Parquet files in {split_dir} (run `tnlbt preprocess` first)")
     return fs, files
