@@ -65,6 +65,10 @@ def _worker(rank: int, port: int, out_dir: str, kinds: list[str]) -> None:
         gathered = gather_with_grad(torch.full((2, 1), float(rank)))
         results["gather"] = gathered.flatten().tolist()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks reach teardown together: a rank destroying its gloo group while the peer's last
+        # collective is still draining aborts the peer ("terminate called without an active exception"),
+        # seen once in CI on a loaded box.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

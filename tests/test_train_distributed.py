@@ -77,6 +77,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     try:
         for kind, k_steps in CASES:  # one process group for every case: spawning is the slow part
             _grads(rank, world, k_steps, kind, os.path.join(out_dir, f"{kind}{k_steps}_r{rank}.pt"))
+        dist.barrier()  # teardown together (see tests/test_distributed.py)
     finally:
         dist.destroy_process_group()
 
