@@ -87,17 +87,12 @@ def build_bench_run(root: Path, preset: str, index_size: int, store: str, n_real
     import torch
 
     from tnlbt.config import Config
-    from tnlbt.data.preprocess import encode_recipe_text
     from tnlbt.data.schema import rows_to_table
-    from tnlbt.data.vocab import Vocab
-    from tnlbt.index.embed import (
-        IndexEmbedder,
-        default_store_path,
-        load_into_store,
-        write_index_meta,
-    )
+    from tnlbt.data.vocab import Vocab, encode_recipe_text
+    from tnlbt.index.embed import IndexEmbedder, load_into_store
     from tnlbt.index.store import open_store
     from tnlbt.models import create_model, save_model
+    from tnlbt.runs import default_store_path, write_index_meta
 
     processed = root / "processed"
     cfg = Config.load(preset, [f"data.processed_dir={processed}"])
@@ -283,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         setting["index_settings"] = changed or "defaults"
     if not url:
         import ray
-
-        from serve.app import patient_serve_env, run_local, wait_ready
+        from tnlbt.serve.app import patient_serve_env, run_local, wait_ready
 
         root = Path(tempfile.mkdtemp(prefix="bench_serve_"))
         t = time.perf_counter()

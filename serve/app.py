@@ -8,23 +8,23 @@ Two Serve applications, both built from one ``args`` dict (the same keys in ``se
 The UI is its own application (not a route of the API) so the API ingress can autoscale while the UI stays at
 one replica, as Gradio's queue needs.
 
-``args`` keys: ``run`` (required: run dir with an index), ``qdrant_url``, ``qdrant_path``, ``store`` (qdrant |
-edge), ``cpus`` (CPUs per encoder replica, default 1; tests use fractions), ``max_replicas`` (encoder/API
-autoscaling ceiling), ``text_batch``, ``image_batch``, ``max_upload_bytes``, ``request_timeout_s``,
-``api_app`` (the API application's name, for the UI), ``examples`` (how many test-split examples in the UI).
+``args`` is :class:`tnlbt.config.ServeConfig` as plain data (``ServeConfig.from_args``: typed, validated, one-line
+errors; its fields are the keys, with the store's named flat: ``qdrant_url``, ``qdrant_path``, ``store`` (the
+kind), ``index_settings``). ``run`` is required: a run directory with an index.
 
 ``run`` may be a URI (``s3://bucket/runs/demo``). The builders pass the *URI* of the checkpoint to the encoder
 deployments, never a local path of the machine that builds the app: each replica, on whatever node it lands,
-fetches the model files into its own cache (:func:`tnlbt.index.embed.fetch_checkpoint`). Every deployment gets
+fetches the model files into its own cache (:func:`tnlbt.runs.resolve_checkpoint`). Every deployment gets
 the driver's ``TNLBT_STORAGE_ROUTES`` / ``TNLBT_CACHE_DIR`` in its ``runtime_env``
-(:func:`tnlbt.index.embed.worker_runtime_env`). The UI's example photos and training-curve PNG must be local
+(:func:`tnlbt.storage.ray_runtime_env`). The UI's example photos and training-curve PNG must be local
 files for Gradio: for a remote run they are written under the run's local cache folder
-(:func:`tnlbt.index.embed.local_run_dir`).
+(:func:`tnlbt.runs.local_run_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -32,92 +32,71 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tnlbt.config import ServeConfig
+
 log = logging.getLogger(__name__)
 
 API_APP, UI_APP = "api", "ui"
 
 
-def _f(args: dict[str, Any], key: str, default: Any) -> Any:
-    v = args.get(key)
-    return default if v in (None, "") else type(default)(v) if default is not None else v
-
-
-def _settings_list(v: Any) -> list[str]:
-    """``index_settings`` from a serve config: a ``{key: value}`` mapping or a list of ``key=value``."""
-    if not v:
-        return []
-    if isinstance(v, dict):
-        return [f"{k}={val}" for k, val in v.items()]
-    return [str(x) for x in v]
+def _serve_config(args: dict[str, Any] | ServeConfig) -> ServeConfig:
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.from_args(args)
+    if not cfg.run:
+        raise ValueError("serve: args.run (the run directory) is required")
+    return cfg
 
 
 def _actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
     """``ray_actor_options`` with the driver's storage environment forwarded (nothing extra when unset)."""
-    from tnlbt.index.embed import worker_runtime_env
+    from tnlbt import storage
 
     opts: dict[str, Any] = {"num_cpus": num_cpus}
     if num_gpus > 0:
         opts["num_gpus"] = num_gpus
-    renv = worker_runtime_env()
+    renv = storage.ray_runtime_env()
     if renv:
         opts["runtime_env"] = renv
     return opts
 
 
-def build_app(args: dict[str, Any]) -> Any:
-    """The API application (``serve run serve.app:build_app run=runs/demo``; ``run`` may be a URI)."""
-    from serve.deployments import ImageEncoder, SearchAPI, SearchIndex, TextEncoder
-    from tnlbt.index.embed import index_checkpoint, read_index_meta
+def build_app(args: dict[str, Any] | ServeConfig) -> Any:
+    """The API application (``serve run tnlbt.serve.app:build_app run=runs/demo``; ``run`` may be a URI)."""
+    from tnlbt.serve.deployments import ImageEncoder, SearchAPI, SearchIndex, TextEncoder
 
-    run = args.get("run")
-    if not run:
-        raise ValueError("serve: args.run (the run directory) is required")
-    meta = read_index_meta(run)
+    from tnlbt.runs import index_checkpoint, read_index_meta
+
+    cfg = _serve_config(args)
+    meta = read_index_meta(cfg.run)
     # Located here (a missing checkpoint fails now, in one line), loaded in the replicas: a URI stays a URI.
-    ckpt = str(index_checkpoint(run, meta))
-    cpus = _f(args, "cpus", 0.0) or default_replica_cpus()
-    max_rep = _f(args, "max_replicas", 2)
-    text_batch, image_batch = _f(args, "text_batch", 16), _f(args, "image_batch", 8)
-    threads = _f(args, "num_threads", 0)
-    # GPU share per encoder replica (0 = CPU). 0.5 puts one text and one image encoder replica on one GPU; the
-    # index, the API and the UI stay on CPUs.
-    gpus = _f(args, "gpus", 0.0)
-    device = "cuda" if gpus > 0 else "cpu"
+    ckpt = str(index_checkpoint(cfg.run, meta))
+    cpus = cfg.cpus or default_replica_cpus()
+    # GPU share per encoder replica (0 = CPU); the index, the API and the UI stay on CPUs.
+    device = "cuda" if cfg.gpus > 0 else "cpu"
 
     def auto(target: int) -> dict[str, Any]:
-        return {"min_replicas": 1, "max_replicas": max_rep, "target_ongoing_requests": target}
+        return {"min_replicas": 1, "max_replicas": cfg.max_replicas, "target_ongoing_requests": target}
 
-    text = TextEncoder.options(
-        ray_actor_options=_actor_options(cpus, gpus),
-        autoscaling_config=auto(max(2, text_batch // 2)),
-        max_ongoing_requests=max(2 * text_batch, 8),  # >= batch size, or a batch never fills
-    ).bind(ckpt, max_batch_size=text_batch, num_threads=threads, device=device)
-    image = ImageEncoder.options(
-        ray_actor_options=_actor_options(cpus, gpus),
-        autoscaling_config=auto(max(2, image_batch // 2)),
-        max_ongoing_requests=max(2 * image_batch, 8),
-    ).bind(ckpt, max_batch_size=image_batch, num_threads=threads, device=device)
-    qdrant_url = args.get("qdrant_url") or None
+    def encoder(cls: Any, batch: int) -> Any:
+        return cls.options(
+            ray_actor_options=_actor_options(cpus, cfg.gpus),
+            autoscaling_config=auto(max(2, batch // 2)),
+            max_ongoing_requests=max(2 * batch, 8),  # >= batch size, or a batch never fills
+        ).bind(ckpt, max_batch_size=batch, num_threads=cfg.num_threads, device=device)
+
     index = SearchIndex.options(
         # An embedded store (a folder) is locked by one process: exactly one replica. A server scales out.
-        num_replicas=_f(args, "index_replicas", 2) if qdrant_url else 1,
+        num_replicas=cfg.index_replicas if cfg.store.url else 1,
         ray_actor_options=_actor_options(min(cpus, 0.5)),
-    ).bind(
-        str(run),
-        qdrant_url=qdrant_url,
-        qdrant_path=args.get("qdrant_path") or None,
-        store_kind=args.get("store") or None,
-        index_settings=_settings_list(args.get("index_settings")),
-    )
+    ).bind(str(cfg.run), store=dataclasses.asdict(cfg.store))
     return SearchAPI.options(
         ray_actor_options=_actor_options(min(cpus, 0.5)),
         autoscaling_config=auto(16),
     ).bind(
-        text,
-        image,
+        encoder(TextEncoder, cfg.text_batch),
+        encoder(ImageEncoder, cfg.image_batch),
         index,
-        max_upload_bytes=_f(args, "max_upload_bytes", 8 * 1024 * 1024),
-        request_timeout_s=_f(args, "request_timeout_s", 20.0),
+        max_upload_bytes=cfg.max_upload_bytes,
+        request_timeout_s=cfg.request_timeout_s,
     )
 
 
@@ -140,8 +119,8 @@ def load_examples(run: str | Path, n: int = 4) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from tnlbt import storage
-    from tnlbt.index.embed import local_run_dir, read_index_meta
     from tnlbt.index.search import join_under, parquet_files
+    from tnlbt.runs import local_run_dir, read_index_meta
 
     meta = read_index_meta(run)
     data_dir = meta.get("data_dir")
@@ -177,7 +156,7 @@ def load_model_card(run: str | Path) -> dict[str, Any]:
     import posixpath
 
     from tnlbt import storage
-    from tnlbt.index.embed import local_run_dir, read_index_meta, run_dir_of
+    from tnlbt.runs import local_run_dir, read_index_meta, run_dir_of
 
     rd = run_dir_of(run)
     remote = isinstance(rd, str)
@@ -215,20 +194,18 @@ def load_model_card(run: str | Path) -> dict[str, Any]:
     }
 
 
-def build_ui_app(args: dict[str, Any]) -> Any:
+def build_ui_app(args: dict[str, Any] | ServeConfig) -> Any:
     """The Gradio UI application (route prefix ``/ui``); needs the API application running as ``api_app``."""
-    from serve.deployments import GradioUI
+    from tnlbt.serve.deployments import GradioUI
 
-    run = args.get("run")
-    if not run:
-        raise ValueError("serve: args.run (the run directory) is required")
+    cfg = _serve_config(args)
     # Example photos and the curves PNG travel as bytes: the replica may run on another node than this
     # builder (which Serve may place on the head), so paths into this machine's cache would not exist there.
-    examples = portable_files(load_examples(run, _f(args, "examples", 4)))
-    card = portable_files(load_model_card(run))
-    cpus = _f(args, "cpus", 0.0) or default_replica_cpus()
+    examples = portable_files(load_examples(cfg.run, cfg.examples))
+    card = portable_files(load_model_card(cfg.run))
+    cpus = cfg.cpus or default_replica_cpus()
     return GradioUI.options(ray_actor_options=_actor_options(min(cpus, 0.5))).bind(
-        api_app=args.get("api_app") or API_APP, model_card=card, examples=examples
+        api_app=cfg.api_app, model_card=card, examples=examples
     )
 
 
@@ -236,7 +213,7 @@ def portable_files(d: dict[str, Any]) -> dict[str, Any]:
     """Replace the local file paths in a UI examples / model-card dict with ``{"name", "data"}`` (bytes).
 
     ``examples["images"]`` (a list of paths) and ``card["curves"]`` (a path or None) are the file fields; the
-    deployment turns them back into files on its own node with :func:`serve.deployments.local_files`.
+    deployment turns them back into files on its own node with :func:`tnlbt.serve.deployments.local_files`.
     """
     out = dict(d)
     if out.get("images"):
@@ -248,20 +225,17 @@ def portable_files(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_local(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ui: bool = True) -> dict[str, str]:
+def run_local(
+    args: dict[str, Any] | ServeConfig, host: str = "127.0.0.1", port: int = 8000, ui: bool = True
+) -> dict[str, str]:
     """Start Serve on ``host:port`` in the current Ray cluster and run both applications; returns the URLs."""
     from ray import serve
 
-    serve.start(
-        http_options={
-            "host": host,
-            "port": port,
-            "request_timeout_s": _f(args, "request_timeout_s", 20.0) + 10,
-        }
-    )
-    serve.run(build_app(args), name=API_APP, route_prefix="/", blocking=False)
+    cfg = dataclasses.replace(_serve_config(args), api_app=API_APP)
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s + 10})
+    serve.run(build_app(cfg), name=API_APP, route_prefix="/", blocking=False)
     if ui:
-        serve.run(build_ui_app({**args, "api_app": API_APP}), name=UI_APP, route_prefix="/ui", blocking=False)
+        serve.run(build_ui_app(cfg), name=UI_APP, route_prefix="/ui", blocking=False)
     base = f"http://{host}:{port}"
     urls = {"api": f"{base}/v1/", "docs": f"{base}/docs", "ready": f"{base}/readyz"}
     if ui:
@@ -290,7 +264,7 @@ def patient_serve_env() -> None:
 
 
 def serve_until_interrupted(
-    app_args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 120.0
+    app_args: dict[str, Any] | ServeConfig, host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 120.0
 ) -> int:
     """Start Ray (if needed), the API and the UI; print the URLs and block until Ctrl-C."""
 
@@ -321,6 +295,6 @@ def cli_serve(args: argparse.Namespace) -> int:
 
     if not storage.exists(args.run):  # a local path or a URI (s3://bucket/runs/NAME)
         raise FileNotFoundError(f"run directory not found: {args.run}")
-    app_args = {"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path,
-                "gpus": args.gpus, "index_settings": list(args.index_setting or [])}
-    return serve_until_interrupted(app_args, host=args.host, port=args.port)
+    cfg = ServeConfig.from_args({"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path,
+                                 "gpus": args.gpus, "index_settings": list(args.index_setting or [])})
+    return serve_until_interrupted(cfg, host=args.host, port=args.port)

@@ -2,7 +2,7 @@
 
 Everything a deployment needs comes in through its constructor (checkpoint dir, store location, limits);
 nothing runs at import. The checkpoint and the run may be URIs (``s3://...``): an encoder replica fetches the
-model files into its node's cache when it starts (:func:`tnlbt.index.embed.fetch_checkpoint`, once per node
+model files into its node's cache when it starts (:func:`tnlbt.runs.resolve_checkpoint`, once per node
 and checkpoint version), and ``SearchIndex`` reads ``index.json`` and photo bytes through :mod:`tnlbt.storage`.
 
 The FastAPI apps are built per replica by ``__serve_build_asgi_app__`` (Serve 2.60's
@@ -30,10 +30,11 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from tnlbt.serve import schemas as S
 
 # Module level (not inside the app builder): FastAPI resolves the string annotations of the route functions
 # (``from __future__ import annotations``) in this module's globals.
-from serve import schemas as S
+from tnlbt.config import MAX_UPLOAD_BYTES
 
 log = logging.getLogger("ray.serve")
 
@@ -60,7 +61,7 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
 def _setup_encoder(replica: Any, checkpoint_dir: str, max_batch_size: int, batch_wait_timeout_s: float,
                    num_threads: int, device: str) -> None:
     """Load the checkpoint (a URI is fetched into this node's cache) and size the replica's ``@serve.batch``."""
-    from tnlbt.index.embed import Encoder
+    from tnlbt.inference import Encoder
 
     replica.enc = Encoder(checkpoint_dir, device=device, num_threads=num_threads)
     replica.encode.set_max_batch_size(max_batch_size)
@@ -88,7 +89,7 @@ class TextEncoder:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, queries: list[dict[str, Any]]) -> list[list[float]]:
-        from tnlbt.index.embed import RecipeText
+        from tnlbt.inference import RecipeText
 
         vecs = self.enc.encode_texts([RecipeText(**q) for q in queries])
         return [v.tolist() for v in vecs]
@@ -131,21 +132,12 @@ class SearchIndex:
     store is the local folder named in its ``index.json``: on a node without it the replica starts anyway and
     ``/readyz`` answers 503 with the reason (index built on another host)."""
 
-    def __init__(
-        self,
-        run: str,
-        qdrant_url: str | None = None,
-        qdrant_path: str | None = None,
-        store_kind: str | None = None,
-        index_settings: list[str] | None = None,
-    ) -> None:
-        self.run, self.qdrant_url, self.qdrant_path, self.store_kind = (
-            run,
-            qdrant_url,
-            qdrant_path,
-            store_kind,
-        )
-        self.index_settings = list(index_settings or [])  # key=value over index.json's and TNLBT_INDEX_*
+    def __init__(self, run: str, store: dict[str, Any] | None = None) -> None:
+        from tnlbt.config import StoreConfig, load_section
+
+        self.run = run
+        # plain data across Ray, the typed value here: url / path / kind / settings travel together
+        self.store = load_section(StoreConfig, store or {}, [], "store")
         self.reader: Any = None
         self.error = ""
         self._open()
@@ -155,9 +147,7 @@ class SearchIndex:
         from tnlbt.index.store import IndexNotFound, StoreUnavailable
 
         try:
-            self.reader = IndexReader.from_run(
-                self.run, self.qdrant_url, self.qdrant_path, self.store_kind, self.index_settings
-            )
+            self.reader = IndexReader.from_run(self.run, self.store)
             self.error = ""
         except (StoreUnavailable, IndexNotFound, OSError) as e:
             # Start anyway: /readyz reports the problem and requests get 503 until the store comes back.
@@ -222,7 +212,7 @@ class SearchAPI:
         text_encoder: DeploymentHandle,
         image_encoder: DeploymentHandle,
         index: DeploymentHandle,
-        max_upload_bytes: int = 8 * 1024 * 1024,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
         request_timeout_s: float = 20.0,
         image_url_prefix: str = "/v1/images/",
     ) -> None:
@@ -254,21 +244,12 @@ class SearchAPI:
             raise HTTPException(422, _first_line(e)) from e
 
     async def embed_text(self, query: dict[str, Any]) -> list[float]:
-        from tnlbt.index.embed import RecipeText
+        from tnlbt.inference import RecipeText
 
-        if query.get("text"):
-            t = RecipeText.from_free_text(query["text"])
-            query = {
-                "title": t.title,
-                "ingredients": list(t.ingredients),
-                "instructions": list(t.instructions),
-            }
-        else:
-            query = {k: query.get(k) or ([] if k != "title" else "") for k in ("title", "ingredients", "instructions")}
-        return await self._await(self.text_encoder.encode.remote(query))
+        return await self._await(self.text_encoder.encode.remote(RecipeText.from_query(query).as_dict()))
 
     async def embed_image(self, data: bytes) -> list[float]:
-        from tnlbt.index.embed import decode_image
+        from tnlbt.inference import decode_image
 
         try:
             img = await asyncio.to_thread(decode_image, data)
@@ -477,19 +458,16 @@ class GradioUI:
 
     def __serve_build_asgi_app__(self) -> Any:
         import gradio as gr
+        from tnlbt.ui.app import build_demo
 
-        from ui.app import build_demo
+        from tnlbt.inference import RecipeText
 
         async def text_fn(title: str, ingredients: str, instructions: str, k: float) -> list:
-            query = {
-                "title": title or "",
-                "ingredients": _lines(ingredients),
-                "instructions": _lines(instructions),
-            }
-            if not (query["title"].strip() or query["ingredients"] or query["instructions"]):
+            query = RecipeText.from_boxes(title, ingredients, instructions)
+            if query.is_empty():
                 raise gr.Error("Type a title, ingredients or instructions first.")
             try:
-                hits = await self.api.search_text_hits.remote(query, int(k))
+                hits = await self.api.search_text_hits.remote(query.as_dict(), int(k))
             except Exception as e:  # typed API errors arrive wrapped; show their message, not a traceback
                 raise gr.Error(_first_line(e)) from e
             return await self._gallery(hits)
@@ -516,7 +494,7 @@ class GradioUI:
 
 
 def local_files(d: dict[str, Any]) -> dict[str, Any]:
-    """Write the ``{"name", "data"}`` file fields of ``serve.app.portable_files`` to a folder on this node and
+    """Write the ``{"name", "data"}`` file fields of ``tnlbt.serve.app.portable_files`` to a folder on this node and
     put their paths back (Gradio serves example images and the curves from local files). Paths pass through."""
     import tempfile
 
@@ -539,6 +517,3 @@ def local_files(d: dict[str, Any]) -> dict[str, Any]:
         out["curves"] = write(out["curves"])
     return out
 
-
-def _lines(s: str | None) -> list[str]:
-    return [ln.strip(" -*\t") for ln in (s or "").splitlines() if ln.strip(" -*\t")]

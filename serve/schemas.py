@@ -1,8 +1,9 @@
 """Request and response models of the search API (pydantic v2), with the size limits that turn bad input into
 422.
 
-Limits are module constants so the UI, the docs and the tests agree on them; the upload limit is a constructor
-argument of the ingress (``max_upload_bytes``) because deployments may want it larger.
+Limits are module constants so the UI, the docs and the tests agree on them; the upload limit is
+``ServeConfig.max_upload_bytes`` (default :data:`tnlbt.config.MAX_UPLOAD_BYTES`) because deployments may want it
+larger.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ MAX_FREE_TEXT = 2000
 MAX_TITLE = 300
 MAX_LINE = 500
 MAX_LINES = 50
-DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 
 Line = Field(max_length=MAX_LINE)
 

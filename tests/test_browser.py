@@ -30,9 +30,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def ui_url(tmp_path_factory):
-    from serve.app import load_examples, load_model_card
+    from tnlbt.serve.app import load_examples, load_model_card
+    from tnlbt.ui.app import build_demo, searcher_fns
+
     from tnlbt.index.search import Searcher
-    from ui.app import build_demo, searcher_fns
 
     run = make_tiny_run(tmp_path_factory.mktemp("browser"))
     build_tiny_index(run)

@@ -63,8 +63,9 @@ def test_index_pool_flags_reach_index_run(monkeypatch, tmp_path):
     monkeypatch.setattr(ray_init, "ensure_ray", lambda *a, **k: False)
     rc = main(["index", "--run", str(tmp_path), "--actors", "6", "--device", "cuda", "--index-setting", "hnsw_ef=64"])
     assert rc == 0
-    assert seen["actors"] == 6 and seen["device"] == "cuda" and seen["settings"].hnsw_ef == 64
+    index = seen["index"]
+    assert index.actors == 6 and index.device == "cuda" and index.store.resolved_settings().hnsw_ef == 64
     with pytest.raises(SystemExit):
         build_parser().parse_args(["index", "--run", "r", "--device", "tpu"])
     with pytest.raises(ValueError, match="choose auto, cpu or cuda"):
-        embed.embed_split(tmp_path, tmp_path, device="tpu")
+        embed.embed_for_index(tmp_path, tmp_path, device="tpu")

@@ -1,4 +1,4 @@
-"""``embed_split`` with a fake model (row alignment, id order, bad rows skipped and counted) and
+"""``embed_pairs`` with a fake model (row alignment, id order, bad rows skipped and counted) and
 ``tnlbt eval`` end to end with a tiny random-init model."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from tnlbt.data.schema import rows_to_table
-from tnlbt.evaluate import cli_eval, embed_split, find_checkpoint
+from tnlbt.evaluate import cli_eval, embed_pairs
+from tnlbt.runs import checkpoint_location
 
 
 def _jpeg(value: int, size: int = 48) -> bytes:
@@ -86,7 +87,7 @@ def test_embed_split_aligns_rows_sorts_ids_and_skips_bad_rows(tmp_path: Path) ->
     rows.insert(6, _row(60, photo=b"not a jpeg"))  # undecodable photo: skipped and counted
     write_split(tmp_path / "test", rows)
     model = FakeModel()
-    out = embed_split(model, tmp_path / "test", batch_size=4)
+    out = embed_pairs(model, tmp_path / "test", batch_size=4)
     assert model.eval_called
     assert out["ids"] == [f"r{i:03d}" for i in sorted(order)]
     assert out["skipped"] == 1 and out["skipped_ids"] == ["r060"]
@@ -96,30 +97,30 @@ def test_embed_split_aligns_rows_sorts_ids_and_skips_bad_rows(tmp_path: Path) ->
         assert round(float(out["image_emb"][k, 0]) / 20) == i % 12  # this row's photo ...
         assert int(out["recipe_emb"][k, 1]) == 3 + i % 26  # ... and this row's recipe
     # Batch size does not change the result.
-    again = embed_split(FakeModel(), tmp_path / "test", batch_size=64)
+    again = embed_pairs(FakeModel(), tmp_path / "test", batch_size=64)
     np.testing.assert_array_equal(again["image_emb"], out["image_emb"])
 
 
 def test_embed_split_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        embed_split(FakeModel(), tmp_path / "missing")
+        embed_pairs(FakeModel(), tmp_path / "missing")
     write_split(tmp_path / "only_bad", [_row(1, photo=b"xx"), _row(2, has_image=False)])
     with pytest.raises(ValueError, match="no usable paired rows"):
-        embed_split(FakeModel(), tmp_path / "only_bad")
+        embed_pairs(FakeModel(), tmp_path / "only_bad")
 
 
-def test_find_checkpoint(tmp_path: Path) -> None:
+def test_checkpoint_location(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        find_checkpoint(tmp_path)
+        checkpoint_location(tmp_path)
     last = tmp_path / "checkpoints" / "last"
     last.mkdir(parents=True)
     (last / "model.safetensors").write_bytes(b"")
-    assert find_checkpoint(tmp_path) == last
+    assert checkpoint_location(tmp_path) == last
     best = tmp_path / "checkpoints" / "best"
     best.mkdir()
     (best / "model.safetensors").write_bytes(b"")
-    assert find_checkpoint(tmp_path) == best
-    assert find_checkpoint(best) == best
+    assert checkpoint_location(tmp_path) == best
+    assert checkpoint_location(best) == best
 
 
 def test_cli_eval_end_to_end_tiny_model(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def _same_hits(a: list[dict], b: list[dict], key: str) -> None:
 
 # -- checkpoint: located remotely, fetched once per machine ------------------------------------------------
 def test_remote_checkpoint_is_located_then_fetched_once(remote):
-    from tnlbt.index import embed
+    from tnlbt import runs as embed  # the run layout (it was in tnlbt.index.embed)
 
     assert embed.checkpoint_location(RUN_URI) == f"{RUN_URI}/checkpoints/best"
     assert embed.checkpoint_location(RUN_URI + "/") == f"{RUN_URI}/checkpoints/best"
@@ -84,7 +84,7 @@ def test_remote_checkpoint_is_located_then_fetched_once(remote):
 
 
 def test_encoder_from_remote_run_equals_local(remote):
-    from tnlbt.index.embed import Encoder, RecipeText, decode_image
+    from tnlbt.inference import Encoder, RecipeText, decode_image
 
     a, b = Encoder(RUN_URI), Encoder(remote["run"])
     texts = [RecipeText("tomato soup", ["2 tomato", "salt"], ["boil"]), RecipeText.from_free_text("cake, flour")]
@@ -94,9 +94,12 @@ def test_encoder_from_remote_run_equals_local(remote):
 
 
 def test_remote_run_without_checkpoint_is_a_clear_error(remote, capsys):
-    from serve.app import build_app
+    from tnlbt.serve.app import build_app
+
     from tnlbt.cli import main
-    from tnlbt.index.embed import Encoder, index_run
+    from tnlbt.config import IndexConfig, StoreConfig
+    from tnlbt.index.embed import index_run
+    from tnlbt.inference import Encoder
 
     storage.write_text("s3://bucket/runs/empty/metrics_test.json", "{}")  # the run exists, its checkpoint not
     for call in (
@@ -124,12 +127,15 @@ def test_remote_run_without_checkpoint_is_a_clear_error(remote, capsys):
     err = capsys.readouterr().err
     assert "tnlbt index --run s3://bucket/runs/noindex" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="local folder"):
-        index_run(RUN_URI, data_dir=DATA_URI, store_kind="qdrant", qdrant_path="s3://bucket/store")
+        index_run(
+            RUN_URI, data_dir=DATA_URI, index=IndexConfig(store=StoreConfig(kind="qdrant", path="s3://bucket/store"))
+        )
 
 
 def test_examples_and_model_card_from_remote_run(remote):
-    from serve.app import load_examples, load_model_card
-    from tnlbt.index.embed import local_run_dir, write_index_meta
+    from tnlbt.serve.app import load_examples, load_model_card
+
+    from tnlbt.runs import local_run_dir, write_index_meta
 
     storage.write_bytes("s3://bucket/runs/card/curves.png", b"\x89PNG\r\n\x1a\nfake")
     storage.write_text("s3://bucket/runs/card/metrics_test.json", '{"1k": {"medR": 3.0}}')
@@ -150,17 +156,19 @@ def test_examples_and_model_card_from_remote_run(remote):
 @pytest.fixture(scope="module")
 def remote_index(remote, ray_session):
     """``tnlbt index --run s3://... --data s3://...`` (qdrant store, like the local reference)."""
+    from tnlbt.config import IndexConfig, StoreConfig
     from tnlbt.index.embed import index_run
 
     # the routes and the cache folder are still set by `remote` (module scope)
-    return index_run(RUN_URI, data_dir=DATA_URI, split="test", store_kind="qdrant", keep=1, actors=1)
+    index = IndexConfig(split="test", keep=1, actors=1, store=StoreConfig(kind="qdrant"))
+    return index_run(RUN_URI, data_dir=DATA_URI, index=index)
 
 
 @pytest.mark.ray  # ~25-40 s: one Ray Data actor pool over 12 recipes (actor start-up dominates)
 def test_index_remote_equals_local_index(remote, remote_index, capsys):
     from tnlbt.cli import main
-    from tnlbt.index.embed import read_index_meta
     from tnlbt.index.search import IndexReader, Searcher
+    from tnlbt.runs import read_index_meta
 
     meta = remote_index
     assert (meta["recipes"], meta["photos"], meta["skipped_photos"]) == (12, 18, 0)
@@ -190,8 +198,8 @@ def test_index_remote_equals_local_index(remote, remote_index, capsys):
     assert capsys.readouterr().out.count("recipe rec") == 3
     # another machine (no store folder there) gets a message naming the host that holds the store
     other = {**meta, "store_path": str(remote["root"] / "elsewhere"), "store_host": "indexer-7"}
-    from tnlbt.index.embed import write_index_meta
     from tnlbt.index.store import IndexNotFound
+    from tnlbt.runs import write_index_meta
 
     write_index_meta("s3://bucket/runs/other", other)
     with pytest.raises(IndexNotFound, match="local folder on indexer-7"):
@@ -204,8 +212,8 @@ def test_serve_answers_from_a_remote_run(remote, remote_index):
     import requests
     from conftest import free_port
     from ray import serve
+    from tnlbt.serve.app import build_app, wait_ready
 
-    from serve.app import build_app, wait_ready
     from tnlbt.index.search import Searcher
 
     port = free_port()
@@ -231,7 +239,8 @@ def test_serve_answers_from_a_remote_run(remote, remote_index):
 
 
 def test_old_embeddings_are_pruned_on_the_bucket(remote):
-    from tnlbt.index.embed import _prune_embeddings, write_index_meta
+    from tnlbt.index.embed import _prune_embeddings
+    from tnlbt.runs import write_index_meta
 
     for v in ("v1", "v2", "v3"):
         storage.write_bytes(f"s3://bucket/runs/prune/index/{v}/embeddings.parquet", b"x")

@@ -12,9 +12,9 @@ from hostile_corpus import write_hostile_corpus
 
 from tnlbt.config import DataConfig
 from tnlbt.data.images import decode_rgb
-from tnlbt.data.preprocess import encode_recipe_text, read_raw
+from tnlbt.data.preprocess import read_raw
 from tnlbt.data.schema import RECIPE_SCHEMA, check_schema
-from tnlbt.data.vocab import END_ID, START_ID, Vocab, build_vocab
+from tnlbt.data.vocab import END_ID, START_ID, Vocab, build_vocab, encode_recipe_text
 
 CFG = DataConfig(
     min_word_count=1, image_short_side=32, rows_per_file=16, row_group_rows=4, max_title_tokens=6

@@ -74,9 +74,8 @@ def _jpeg(colour: tuple[int, int, int], size: int = 48, seed: int = 0) -> bytes:
 def make_tiny_run(root: Path, n_recipes: int = 24, seed: int = 0) -> Path:
     """RUN/checkpoints/best (tiny_test model), ROOT/processed/test/part-00000.parquet, metrics and curves."""
     from tnlbt.config import Config
-    from tnlbt.data.preprocess import encode_recipe_text
     from tnlbt.data.schema import rows_to_table
-    from tnlbt.data.vocab import Vocab
+    from tnlbt.data.vocab import Vocab, encode_recipe_text
     from tnlbt.models import create_model, save_model
 
     root = Path(root)
@@ -127,15 +126,9 @@ def build_tiny_index(run: Path, store_kind: str = "qdrant", version: str = "v1")
     """Embed the tiny test split with the Ray Data UDFs (called directly, no Ray) and publish an index."""
     import pyarrow as pa
 
-    from tnlbt.index.embed import (
-        PhotoEmbedder,
-        RecipeEmbedder,
-        default_store_path,
-        load_into_store,
-        write_embeddings,
-        write_index_meta,
-    )
+    from tnlbt.index.embed import PhotoEmbedder, RecipeEmbedder, load_into_store, write_embeddings
     from tnlbt.index.store import open_store
+    from tnlbt.runs import default_store_path, write_index_meta
 
     ckpt = str(run / "checkpoints" / "best")
     processed = run.parent.parent / "processed"
@@ -181,7 +174,7 @@ def _emb(meta: dict, modality: str) -> tuple[list[str], np.ndarray]:
 
 
 def test_encoder_batches_equal_single_items(tiny_index):
-    from tnlbt.index.embed import Encoder, RecipeText, decode_image
+    from tnlbt.inference import Encoder, RecipeText, decode_image
 
     run, _ = tiny_index
     enc = Encoder(run)
@@ -225,7 +218,7 @@ def test_searcher_equals_brute_force_over_written_embeddings(tiny_index):
         hits = s.search_text("tomato basil soup\n1 cup flour\nsalt", k=7)
         q = s.encoder.encode_texts(
             [
-                __import__("tnlbt.index.embed", fromlist=["RecipeText"]).RecipeText(
+                __import__("tnlbt.inference", fromlist=["RecipeText"]).RecipeText(
                     "tomato basil soup", ["1 cup flour", "salt"]
                 )
             ]
@@ -239,7 +232,7 @@ def test_searcher_equals_brute_force_over_written_embeddings(tiny_index):
 
         photo = _jpeg(COLOURS[2], seed=99)
         rh = s.search_image(photo, k=5)
-        from tnlbt.index.embed import decode_image
+        from tnlbt.inference import decode_image
 
         q = s.encoder.encode_images([decode_image(photo)])[0]
         rids, rvec = _emb(meta, "recipe")
@@ -296,7 +289,7 @@ def test_image_bytes_by_id_only_for_indexed_ids(tiny_index, tmp_path):
 
 
 def test_free_text_parsing():
-    from tnlbt.index.embed import RecipeText
+    from tnlbt.inference import RecipeText
 
     assert RecipeText.from_free_text("cake, flour, sugar").ingredients == ["cake", "flour", "sugar"]
     t = RecipeText.from_free_text("Tomato soup\n- 2 tomatoes\n- salt\n")
@@ -323,17 +316,19 @@ def test_index_with_ray_data_then_reindex_keeps_count(ray_session, tmp_path):
     """``tnlbt index`` on a Ray Data actor pool, then the same embeddings published again: same counts."""
     import pyarrow.compute as pc
 
+    from tnlbt.config import IndexConfig, StoreConfig
     from tnlbt.index.embed import index_run, load_into_store
     from tnlbt.index.search import IndexReader
     from tnlbt.index.store import PHOTOS, RECIPES, IndexSettings, open_store
 
     run = make_tiny_run(tmp_path, n_recipes=12)
     built = IndexSettings.parse(["hnsw_m=8", "quantization=none"])
-    a = index_run(run, split="test", store_kind="edge", keep=1, actors=1, settings=built)
+    store = StoreConfig(kind="edge", settings=("hnsw_m=8", "quantization=none"))
+    a = index_run(run, index=IndexConfig(split="test", keep=1, actors=1, store=store))
     assert (a["recipes"], a["photos"], a["skipped_photos"]) == (12, 18, 0)
     # The build settings are recorded, and a reader layers its own search-time settings over them.
     assert a["index_settings"] == built.to_dict()
-    reader = IndexReader.from_run(run, settings=["hnsw_ef=32"])
+    reader = IndexReader.from_run(run, StoreConfig(settings=("hnsw_ef=32",)))
     try:
         st = reader.store.settings
         assert (st.hnsw_m, st.quantization, st.hnsw_ef) == (8, "none", 32)
@@ -373,6 +368,7 @@ def test_cli_search_errors_are_one_line(tmp_path, capsys):
 def test_index_fails_fast_when_the_local_store_is_held(tmp_path):
     """qdrant-client local mode allows one client per folder: indexing while it is held (e.g. by a running
     API) must fail at once with StoreUnavailable, before any embedding work (no Ray needed to see it)."""
+    from tnlbt.config import IndexConfig, StoreConfig
     from tnlbt.index.embed import index_run
     from tnlbt.index.store import QdrantStore, StoreUnavailable
 
@@ -380,7 +376,7 @@ def test_index_fails_fast_when_the_local_store_is_held(tmp_path):
     held = QdrantStore(path=str(tmp_path / "held"))
     try:
         with pytest.raises(StoreUnavailable, match="already accessed"):
-            index_run(run, store_kind="qdrant", qdrant_path=str(tmp_path / "held"))
+            index_run(run, index=IndexConfig(store=StoreConfig(kind="qdrant", path=str(tmp_path / "held"))))
     finally:
         held.close()
 

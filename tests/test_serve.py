@@ -28,9 +28,8 @@ TIMEOUT_S = 6.0
 
 
 def test_config_yaml_matches_ray_schema_and_builders():
+    import tnlbt.serve.app
     from ray.serve.schema import ServeDeploySchema
-
-    import serve.app
 
     doc = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema(**doc)
@@ -39,18 +38,17 @@ def test_config_yaml_matches_ray_schema_and_builders():
     assert apps["api"].route_prefix == "/" and apps["ui"].route_prefix == "/ui"
     for a in apps.values():
         mod, fn = a.import_path.split(":")
-        assert mod == "serve.app" and callable(getattr(serve.app, fn))
+        assert mod == "tnlbt.serve.app" and callable(getattr(tnlbt.serve.app, fn))
         assert a.args.get("run")
     assert apps["ui"].args["api_app"] == "api"
     with pytest.raises(ValueError, match="run"):
-        serve.app.build_app({})
+        tnlbt.serve.app.build_app({})
 
 
 @pytest.fixture(scope="module")
 def api(ray_session, tmp_path_factory):
     from ray import serve
-
-    from serve.app import build_app, build_ui_app, wait_ready
+    from tnlbt.serve.app import build_app, build_ui_app, wait_ready
 
     root = tmp_path_factory.mktemp("serve")
     run = make_tiny_run(root)
@@ -114,8 +112,8 @@ def test_health_ready_docs(api):
 
 
 def test_search_text_equals_brute_force(api):
-    from tnlbt.index.embed import Encoder, RecipeText
     from tnlbt.index.search import brute_force_topk
+    from tnlbt.inference import Encoder, RecipeText
 
     base, run, meta = api
     r = _post(
@@ -139,8 +137,8 @@ def test_search_text_equals_brute_force(api):
 
 
 def test_search_image_and_embeddings(api):
-    from tnlbt.index.embed import Encoder, decode_image
     from tnlbt.index.search import brute_force_topk
+    from tnlbt.inference import Encoder, decode_image
 
     base, run, meta = api
     photo = _jpeg(COLOURS[1], seed=5)
@@ -282,11 +280,12 @@ def test_ui_through_serve_with_gradio_client(api):
 @pytest.mark.parametrize(("gpus", "device"), [(0, "cpu"), (0.5, "cuda")])
 def test_encoder_replicas_ask_for_gpus_when_told(monkeypatch, gpus, device):
     """``gpus`` puts the two encoder deployments on GPUs (num_gpus + device); the rest stays on CPUs."""
-    import tnlbt.index.embed as embed
-    from serve.app import build_app
+    from tnlbt.serve.app import build_app
 
-    monkeypatch.setattr(embed, "read_index_meta", lambda run: {})
-    monkeypatch.setattr(embed, "index_checkpoint", lambda run, meta: "/ckpt")
+    import tnlbt.runs as runs
+
+    monkeypatch.setattr(runs, "read_index_meta", lambda run: {})
+    monkeypatch.setattr(runs, "index_checkpoint", lambda run, meta: "/ckpt")
     app = build_app({"run": "/some/run", "gpus": gpus})
     api = app._bound_deployment
     bound = [a._bound_deployment for a in (*api.init_args, *api.init_kwargs.values())

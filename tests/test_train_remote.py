@@ -267,17 +267,18 @@ def test_cli_checks_and_eval_and_plot_on_remote_run(s3) -> None:
     assert res["meta"]["n_pairs"] == 48 and res["meta"]["data"] == DATA_URI
     assert 0.0 <= res["16"]["image_to_recipe"]["R@1"]["mean"] <= 1.0
 
-    from tnlbt.evaluate import embed_split, find_checkpoint
+    from tnlbt.evaluate import embed_pairs
     from tnlbt.models import load_model
+    from tnlbt.runs import checkpoint_location
     from tnlbt.train.checkpoint import local_checkpoint
 
-    assert find_checkpoint(run) == f"{run}/checkpoints/best"
+    assert checkpoint_location(run) == f"{run}/checkpoints/best"
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        find_checkpoint(f"{RUNS_URI}/missing")
-    with local_checkpoint(find_checkpoint(run)) as d:
+        checkpoint_location(f"{RUNS_URI}/missing")
+    with local_checkpoint(checkpoint_location(run)) as d:
         model, *_ = load_model(d)
-    remote = embed_split(model, f"{DATA_URI}/test", batch_size=7)
-    local = embed_split(model, s3.data / "test", batch_size=7)
+    remote = embed_pairs(model, f"{DATA_URI}/test", batch_size=7)
+    local = embed_pairs(model, s3.data / "test", batch_size=7)
     assert remote["ids"] == local["ids"] and len(remote["ids"]) == 48
     assert torch.equal(torch.from_numpy(remote["image_emb"]), torch.from_numpy(local["image_emb"]))
 

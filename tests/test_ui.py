@@ -24,7 +24,7 @@ def searcher(tmp_path_factory):
 
 
 def test_metrics_table_flattens_nested_metrics():
-    from ui.app import _metrics_rows
+    from tnlbt.ui.app import _metrics_rows
 
     headers, rows = _metrics_rows(
         {"1k": {"im2rec": {"medR": 1.0, "R@1": 0.51234}}, "n": 3, "meta": {"checkpoint": "/x"}}
@@ -36,9 +36,8 @@ def test_metrics_table_flattens_nested_metrics():
 
 def test_demo_in_process_and_via_gradio_client(searcher, tmp_path):
     from gradio_client import Client, handle_file
-
-    from serve.app import load_examples, load_model_card
-    from ui.app import build_demo, searcher_fns
+    from tnlbt.serve.app import load_examples, load_model_card
+    from tnlbt.ui.app import build_demo, searcher_fns
 
     run, s = searcher
     examples = load_examples(run, 2)
@@ -58,7 +57,7 @@ def test_demo_in_process_and_via_gradio_client(searcher, tmp_path):
         named = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
         assert {"/search_text", "/search_image"} <= named
         gal = c.predict("chocolate cake", "", "", 3, api_name="/search_text")
-        from tnlbt.index.embed import RecipeText
+        from tnlbt.inference import RecipeText
 
         want = [h["title"] for h in s.search_text(RecipeText("chocolate cake"), k=3)]
         assert [g["caption"].rsplit("  (", 1)[0] for g in gal] == want  # same ranking as the Searcher
@@ -79,8 +78,8 @@ def test_demo_in_process_and_via_gradio_client(searcher, tmp_path):
 def test_ui_files_travel_as_bytes_to_the_replica(tmp_path):
     """The UI replica may run on another node than the app builder: its example photos and curves arrive as
     bytes and are written to the replica's own disk, with the same content."""
-    from serve.app import portable_files
-    from serve.deployments import local_files
+    from tnlbt.serve.app import portable_files
+    from tnlbt.serve.deployments import local_files
 
     photo, curves = tmp_path / "abc.jpg", tmp_path / "curves.png"
     photo.write_bytes(b"\xff\xd8jpeg")

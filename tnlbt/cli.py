@@ -22,7 +22,7 @@ COMMANDS = {
     "plot": "tnlbt.train.plots:cli_plot",
     "index": "tnlbt.index.embed:cli_index",
     "search": "tnlbt.index.search:cli_search",
-    "serve": "serve.app:cli_serve",
+    "serve": "tnlbt.serve.app:cli_serve",
     "demo": "tnlbt.demo:cli_demo",
     "config": "tnlbt.cli:cli_config",
 }

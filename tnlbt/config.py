@@ -1,7 +1,11 @@
 """Typed configuration: frozen dataclasses, YAML presets, ``key=value`` overrides, validation.
 
-A config is a tree of frozen dataclasses. It crosses process boundaries (Ray workers, checkpoints) as a
-plain dict / JSON and is rebuilt with :func:`Config.from_dict` at once; it is never pickled.
+A config is a tree of frozen dataclasses: :class:`Config` for training (saved with every checkpoint),
+:class:`IndexConfig` for ``tnlbt index`` and :class:`ServeConfig` for ``tnlbt serve`` and the Serve builders;
+the last two share :class:`StoreConfig` (where the vectors live) and :class:`IndexSettings` (how they are
+indexed). All are built by one typed loader with the same ``key=value`` overrides and one-line errors.
+A config crosses process boundaries (Ray workers, checkpoints, Serve replicas) as a plain dict / JSON and is
+rebuilt at once (:meth:`Config.from_dict`); it is never pickled.
 
 Validation happens in two layers:
 * the loader checks every key against the dataclass fields (an unknown key names the allowed ones) and
@@ -13,9 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,6 +267,225 @@ class EvalConfig:
         _check(self.chunk_size >= 1, "eval.chunk_size", "must be >= 1")
 
 
+QUANTIZATIONS = ("none", "int8")
+_ENV_PREFIX = "TNLBT_INDEX_"
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How a collection is indexed (build time) and searched (search time), for both stores.
+
+    Build time -- fixed when ``tnlbt index`` builds a collection (stored with it):
+
+    * ``hnsw_m`` edges per node, ``ef_construct`` beam width while building the graph;
+    * ``full_scan_points``: Qdrant's full-scan threshold, in points (converted to KB of vectors for Qdrant).
+      A filtered query expected to match fewer points is answered by scanning them; the edge store also
+      builds no graph at all for a collection smaller than this. ``None``: 20,000 points for the edge store
+      (as before), the server's own default (10,000 KB) for a Qdrant server;
+    * ``quantization``: ``"int8"`` (Qdrant scalar quantisation with ``quantile``, the int8 copy pinned in RAM)
+      or ``"none"``;
+    * ``on_disk_vectors``: keep the original float32 vectors on disk (memory-mapped, not preloaded); with
+      ``int8`` only the 4x smaller quantised copy has to stay in RAM.
+
+    The defaults (int8, originals on disk, rescore with oversampling 2, ``hnsw_ef`` 256) replaced float32 in
+    RAM with ``hnsw_ef`` 128 after ``bench/index.py tradeoff`` (100k x 1024-d clustered vectors, qdrant-edge):
+    rescored int8 has the recall@10 of float32 scores on the same graph, at about half the latency and 2.6x
+    less resident memory, for ~18% more disk; ef 256 instead of 128 buys ~1-2 points of recall@10 (0.96-0.98
+    -> 0.99, varying from build to build) for ~0.1 ms. ``quantization=none on_disk_vectors=false hnsw_ef=128``
+    is the earlier behaviour.
+
+    Search time -- read by whoever queries (``tnlbt serve``, ``tnlbt search``), may differ from the build:
+
+    * ``hnsw_ef`` beam width (at least ``k``); ``exact`` scans every vector (no graph, no quantisation);
+    * ``rescore``: re-rank the quantised candidates with the original vectors (then the scores are exact
+      cosines); ``oversampling``: fetch ``oversampling * k`` quantised candidates before rescoring.
+      Both only matter for a collection built with ``quantization="int8"``.
+
+    qdrant-client's local mode (``:memory:`` / a folder) ignores all of this: it is exact brute force in
+    Python; it drops the HNSW and quantisation configs and warns about ``search_params``, so the local store
+    does not send them.
+
+    Every field can be set from the environment as ``TNLBT_INDEX_<FIELD>`` (e.g. ``TNLBT_INDEX_QUANTIZATION=int8
+    TNLBT_INDEX_HNSW_EF=64``); :func:`open_store` reads it when no settings are given.
+    """
+
+    hnsw_m: int = 16
+    ef_construct: int = 100
+    full_scan_points: int | None = None
+    quantization: str = "int8"
+    quantile: float = 0.99
+    on_disk_vectors: bool = True
+    hnsw_ef: int = 256
+    exact: bool = False
+    rescore: bool = True
+    oversampling: float = 2.0
+
+    BUILD_FIELDS = ("hnsw_m", "ef_construct", "full_scan_points", "quantization", "quantile", "on_disk_vectors")
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, key: str, what: str) -> None:
+            _check(ok, f"index setting {key}", f"{getattr(self, key)!r} {what}")
+
+        check(self.hnsw_m >= 2, "hnsw_m", "must be >= 2")
+        check(self.ef_construct >= 4, "ef_construct", "must be >= 4")
+        check(self.full_scan_points is None or self.full_scan_points >= 1, "full_scan_points", "must be >= 1")
+        check(self.quantization in QUANTIZATIONS, "quantization", f"choose one of {', '.join(QUANTIZATIONS)}")
+        check(0.5 <= self.quantile <= 1.0, "quantile", "must be in [0.5, 1]")
+        check(self.hnsw_ef >= 1, "hnsw_ef", "must be >= 1")
+        check(self.oversampling >= 1.0, "oversampling", "must be >= 1.0")
+
+    # -- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, items: Iterable[str] | Mapping[str, Any] = (), base: IndexSettings | None = None) -> IndexSettings:
+        """``["hnsw_ef=64", "quantization=int8"]`` (or a mapping of strings / values) on top of ``base``.
+
+        Strings (from the command line or the environment) are read as YAML scalars, then checked by the same
+        typed builder as every config section (:func:`_coerce`); an unknown key is a one-line error.
+        """
+        pairs = items.items() if isinstance(items, Mapping) else (_split_kv(i) for i in items)
+        known = {f.name for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, raw in pairs:
+            key = key.strip().lower()
+            if key not in known:
+                raise ConfigError(f"unknown index setting {key!r}; allowed: {', '.join(sorted(known))}")
+            value = _scalar(raw) if isinstance(raw, str) else raw
+            changes[key] = value.lower() if isinstance(value, str) else value
+        merged = {**dataclasses.asdict(base or cls()), **changes}
+        return _build(cls, merged, "index setting", sep=" ")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, base: IndexSettings | None = None) -> IndexSettings:
+        """Defaults overridden by ``TNLBT_INDEX_<FIELD>`` variables (unknown ones are an error)."""
+        env = os.environ if environ is None else environ
+        found = {k[len(_ENV_PREFIX) :]: v for k, v in env.items() if k.startswith(_ENV_PREFIX)}
+        return cls.parse(found, base)
+
+    @classmethod
+    def layered(cls, recorded: dict[str, Any] | None = None, items: Iterable[str] = ()) -> IndexSettings:
+        """What a command uses: the defaults, then the settings ``recorded`` in ``index.json`` when the index
+        was built (so a reader searches the way the index was built for), then ``TNLBT_INDEX_*``, then the
+        command line's ``key=value`` items (``--index-setting``), each over the one before."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        base = cls.parse({k: v for k, v in (recorded or {}).items() if k in known})
+        return cls.parse(items, base=cls.from_env(base=base))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def build_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.BUILD_FIELDS}
+
+    def full_scan_kb(self, dim: int, default_points: int | None) -> int | None:
+        """The threshold in KB of float32 vectors, as Qdrant wants it (``None`` = leave the engine default)."""
+        pts = self.full_scan_points if self.full_scan_points is not None else default_points
+        return None if pts is None else max(1, pts * dim * 4 // 1024)
+
+
+def _split_kv(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"index setting {item!r} must look like key=value (e.g. hnsw_ef=64)")
+    k, v = item.split("=", 1)
+    return k, v
+
+
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # one photo upload (API and UI)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the vectors live: the values that always travel together (a Qdrant server by ``url``, or an
+    embedded store in ``path``; ``kind`` auto = a server for a URL, else qdrant-edge when installed).
+
+    ``settings`` are ``key=value`` changes to the :class:`IndexSettings`, layered over the defaults, what the
+    index recorded when it was built and ``TNLBT_INDEX_*`` (:meth:`IndexSettings.layered`).
+    """
+
+    kind: Literal["auto", "qdrant", "edge"] = "auto"
+    url: str | None = None  # Qdrant server (API key from QDRANT_API_KEY)
+    path: str | None = None  # embedded store folder (default RUN/edge or RUN/qdrant)
+    settings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(not (self.url and self.kind == "edge"), "store.kind",
+               "the edge store is embedded: give a path, not a URL")
+        _check(not (self.path and not self.url and "://" in self.path), "store.path",
+               f"{self.path}: the embedded store is a local folder (file locks, mmaps); give a local path, or use "
+               "a Qdrant server (store.url / --qdrant-url)")
+        for item in self.settings:
+            IndexSettings.parse([item])  # a bad setting fails here, in one line, not in a replica
+
+    def resolved_settings(self, recorded: Mapping[str, Any] | None = None) -> IndexSettings:
+        """The settings a command uses (see :meth:`IndexSettings.layered`)."""
+        return IndexSettings.layered(dict(recorded or {}), self.settings)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """``tnlbt index``: which split, how it is embedded (a Ray Data actor pool) and where it goes."""
+
+    split: Literal["train", "val", "test", "all"] = "test"
+    keep: int = 2  # index versions kept
+    actors: int = 0  # embedding actors (0 = sized to the cluster)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 32
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.keep >= 1, "index.keep", "must be >= 1")
+        _check(self.actors >= 0, "index.actors", "must be >= 0 (0 = sized to the cluster)")
+        _check(self.batch_size >= 1, "index.batch_size", "must be >= 1")
+
+
+# The Serve ``args`` name the store's values flat (``serve/config.yaml``, the RayService, ``serve run ...
+# qdrant_url=...``): :meth:`ServeConfig.from_args` reads these keys into its :class:`StoreConfig`.
+_SERVE_ARGS_STORE = {"store": "kind", "qdrant_url": "url", "qdrant_path": "path", "index_settings": "settings"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``tnlbt serve`` and the Serve builders (``serve/config.yaml``'s ``args``): one typed section."""
+
+    run: str = ""  # an indexed run directory (local or a URI)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cpus: float = 0.0  # CPUs per encoder replica (0 = sized so the whole app fits the cluster)
+    gpus: float = 0.0  # GPU share per encoder replica; 0.5 = a text and an image encoder replica on one GPU
+    num_threads: int = 0  # torch threads per encoder replica (0 = torch's default)
+    max_replicas: int = 2  # autoscaling ceiling of the encoders and the API
+    index_replicas: int = 2  # SearchIndex replicas with a Qdrant server (an embedded store has exactly one)
+    text_batch: int = 16
+    image_batch: int = 8
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    request_timeout_s: float = 20.0
+    api_app: str = "api"  # the API application's name (the UI looks it up)
+    examples: int = 4  # test-split examples shown in the UI
+
+    def __post_init__(self) -> None:
+        _check(self.cpus >= 0 and self.gpus >= 0, "serve.cpus", "cpus and gpus must be >= 0")
+        for name in ("max_replicas", "index_replicas", "text_batch", "image_batch", "max_upload_bytes"):
+            _check(getattr(self, name) >= 1, f"serve.{name}", "must be >= 1")
+        _check(self.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0")
+        _check(self.num_threads >= 0 and self.examples >= 0, "serve.num_threads", "num_threads, examples >= 0")
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None, overrides: list[str] | None = None) -> ServeConfig:
+        """A Serve application's ``args`` (plain data; a key with a null value takes the default)."""
+        data = {k: v for k, v in (args or {}).items() if v is not None and v != ""}
+        store = {_SERVE_ARGS_STORE[k]: data.pop(k) for k in list(data) if k in _SERVE_ARGS_STORE}
+        if isinstance(store.get("settings"), Mapping):  # {hnsw_ef: 64} reads as ["hnsw_ef=64"]
+            store["settings"] = [f"{k}={v}" for k, v in store["settings"].items()]
+        if store:
+            data["store"] = store
+        return load_section(cls, data, overrides or [], "serve")
+
+    def to_args(self) -> dict[str, Any]:
+        """The flat ``args`` form that :meth:`from_args` reads (what crosses to the Serve builders)."""
+        out = _to_plain(dataclasses.asdict(self))
+        store = out.pop("store")
+        out.update({k: store[v] for k, v in _SERVE_ARGS_STORE.items()})
+        return out
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -275,14 +502,8 @@ class Config:
         return _build(cls, d or {}, "")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        return cls.from_dict(apply_overrides(raw, overrides or []))
+    def from_yaml(cls, path: str | Path | Traversable, overrides: list[str] | None = None) -> Config:
+        return cls.from_dict(apply_overrides(read_preset(path), overrides or []))
 
     @classmethod
     def load(cls, preset_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -309,45 +530,91 @@ class Config:
 
 
 # -- presets ------------------------------------------------------------------------------------------
-def configs_dir() -> Path:
-    """``configs/`` at the repository root (presets are not package data: they are meant to be edited)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+def configs_dir() -> Traversable:
+    """The presets shipped with the package (``configs/`` in the source tree, installed as ``tnlbt.presets``).
+
+    Read through :mod:`importlib.resources`, so a wheel or a non-editable install has them too.
+    """
+    return resources.files("tnlbt.presets")
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in configs_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def resolve_preset(name_or_path: str | Path) -> Path:
+def resolve_preset(name_or_path: str | Path) -> Path | Traversable:
+    """A YAML path as given, else the shipped preset of that name."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
     candidate = configs_dir() / f"{name_or_path}.yaml"
-    if candidate.exists():
+    if candidate.is_file():
         return candidate
     raise ConfigError(f"unknown preset {str(name_or_path)!r}; presets: {', '.join(list_presets())}")
 
 
+def read_preset(path: str | Path | Traversable, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's sections as plain data, with ``extends: NAME`` resolved: the named preset (a shipped name or
+    a path) is read first and this file's keys are laid over it, section by section."""
+    if isinstance(path, str | os.PathLike):
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str) or base_name in _seen:
+        raise ConfigError(f"{path}: extends must name another preset (no cycles); got {base_name!r}")
+    base = read_preset(resolve_preset(base_name), (*_seen, base_name))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    return base
+
+
 # -- overrides ----------------------------------------------------------------------------------------
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings; values are parsed as YAML (``3``, ``0.1``, ``true``, ``[1, 2]``)."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str], min_depth: int = 2) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (``a.b.c=value`` reaches nested sections); values are parsed as YAML
+    (``3``, ``0.1``, ``true``, ``[1, 2]``). ``min_depth``: 2 for :class:`Config` (every key is in a section),
+    1 for a single section such as :class:`ServeConfig` (``cpus=0.5``, ``store.url=...``)."""
     out = json.loads(json.dumps(raw))  # deep copy of plain data
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) < min_depth or not all(parts):
             raise ConfigError(f"override key {key!r} must be section.key, e.g. train.epochs")
-        section, name = parts
-        if not isinstance(out.get(section, {}), dict):
-            raise ConfigError(f"{section}: must be a mapping")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: must be a mapping")
+            node = child
+        node[parts[-1]] = _scalar(value)
     return out
 
 
+def _scalar(text: str) -> Any:
+    """A value as typed on a command line or in the environment, read as YAML (``64``, ``true``, ``[1, 2]``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_section(cls: type, data: Mapping[str, Any], overrides: list[str], prefix: str) -> Any:
+    """One config section (e.g. :class:`ServeConfig`) from plain data plus ``key=value`` overrides."""
+    return _build(cls, apply_overrides(dict(data), overrides, min_depth=1), prefix)
+
+
 # -- generic builder with validation ------------------------------------------------------------------
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, sep: str = ".") -> Any:
     where = prefix or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -360,7 +627,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name in names:
         if name not in data:
             continue
-        key = f"{prefix}.{name}" if prefix else name
+        key = f"{prefix}{sep}{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], key)
@@ -380,7 +647,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         errors = []
         for a in args:
             if a is type(None):
-                if value is None:
+                if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
                     return None
                 continue
             try:

@@ -135,6 +135,6 @@ def cli_demo(args: argparse.Namespace) -> int:
             f"indexed; stopping before serve (--no-serve). Try: tnlbt search --run {run} --text 'tomato soup'"
         )
         return 0
-    from serve.app import serve_until_interrupted
+    from tnlbt.serve.app import serve_until_interrupted
 
     return serve_until_interrupted({"run": str(run)}, port=args.port, ready_timeout_s=300)

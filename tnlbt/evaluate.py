@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 from tnlbt import storage
+from tnlbt.data.schema import EVAL_COLUMNS
 
 log = logging.getLogger(__name__)
 
-# Columns embedding needs (labels and raw text are not read).
-_COLUMNS = ["id", "has_image", "title_ids", "ingredient_ids", "instruction_ids", "images"]
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -40,7 +39,7 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
 
 
 @torch.no_grad()
-def embed_split(
+def embed_pairs(
     model: Any,
     split_dir: str | Path,
     *,
@@ -120,54 +119,21 @@ def _row_batches(split_dir: str | Path, batch_size: int) -> Iterator[list[dict[s
     at once when the split has no part files)."""
     from tnlbt.data.dataset import RecipeDataset
 
-    ds = RecipeDataset(split_dir, paired_only=True, columns=_COLUMNS)
+    ds = RecipeDataset(split_dir, paired_only=True, columns=list(EVAL_COLUMNS))
     n = len(ds)
     return ([ds[i] for i in range(start, min(start + batch_size, n))] for start in range(0, n, batch_size))
-
-
-def find_checkpoint(run: str | Path) -> Path | str:
-    """``RUN`` itself if it holds ``model.safetensors``, else ``RUN/checkpoints/best``, else ``.../last``.
-
-    ``run`` may be a URI (the result is then a URI; download it with
-    :func:`tnlbt.train.checkpoint.local_checkpoint`). A remote ``best``/``last`` must be complete
-    (``train_state.pt`` is uploaded last): one being replaced by a running training is skipped.
-    """
-    if storage.scheme(run) != "":
-        from tnlbt.train.checkpoint import is_complete
-
-        uri = os.fspath(run).rstrip("/")
-        if storage.exists(storage.join(uri, "model.safetensors")):
-            return uri
-        for name in ("best", "last"):
-            d = storage.join(uri, "checkpoints", name)
-            if is_complete(d):
-                return d
-        raise FileNotFoundError(
-            f"no checkpoint in {uri}: expected {uri}/model.safetensors or "
-            f"{uri}/checkpoints/best|last (complete; train first)"
-        )
-    run = Path(run)
-    if (run / "model.safetensors").is_file():
-        return run
-    for name in ("best", "last"):
-        d = run / "checkpoints" / name
-        if (d / "model.safetensors").is_file():
-            return d
-    raise FileNotFoundError(
-        f"no checkpoint in {run}: expected {run}/model.safetensors or "
-        f"{run}/checkpoints/best|last/model.safetensors (train first)"
-    )
 
 
 def cli_eval(args: argparse.Namespace) -> int:
     """``tnlbt eval --run RUN [--split test] [--data DIR] [--bags N] [--mode random|fixed]``."""
     from tnlbt.metrics import evaluate_embeddings, format_table
     from tnlbt.models import load_model
+    from tnlbt.runs import checkpoint_location
     from tnlbt.train.checkpoint import local_checkpoint
 
     remote_run = storage.scheme(args.run) != ""
     run: Path | str = os.fspath(args.run).rstrip("/") if remote_run else Path(args.run)
-    ckpt = find_checkpoint(run)
+    ckpt = checkpoint_location(run)
     with local_checkpoint(ckpt) as local_ckpt:
         model, cfg, _vocab, _ingredients = load_model(local_ckpt)
     data = args.data or cfg.data.processed_dir
@@ -191,7 +157,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     t0 = time.perf_counter()
-    emb = embed_split(model, split_dir, batch_size=max(1, min(cfg.train.batch_size, 256)), device=device)
+    emb = embed_pairs(model, split_dir, batch_size=max(1, min(cfg.train.batch_size, 256)), device=device)
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = evaluate_embeddings(emb["image_emb"], emb["recipe_emb"], ecfg)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tnlbt.config import LossConfig
+from tnlbt.models.recipe_encoder import COMPONENTS
 
 TripletKind = Literal["ht", "valid", "hard"]
-COMPONENTS = ("title", "ingredients", "instructions")
 GatherFn = Callable[[Tensor], Tensor]
 
 

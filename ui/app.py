@@ -124,13 +124,10 @@ def searcher_fns(searcher: Any) -> tuple[Callable, Callable]:
     import gradio as gr
     from PIL import Image
 
-    from tnlbt.index.embed import RecipeText
-
-    def lines(s: str | None) -> list[str]:
-        return [ln.strip(" -*\t") for ln in (s or "").splitlines() if ln.strip(" -*\t")]
+    from tnlbt.inference import RecipeText
 
     def text_fn(title: str, ingredients: str, instructions: str, k: float) -> list[tuple[Any, str]]:
-        q = RecipeText(title or "", lines(ingredients), lines(instructions))
+        q = RecipeText.from_boxes(title, ingredients, instructions)
         try:
             hits = searcher.search_text(q, int(k))
         except ValueError as e:

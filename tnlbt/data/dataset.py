@@ -13,7 +13,6 @@ credentials / ``TNLBT_STORAGE_ROUTES``).
 
 from __future__ import annotations
 
-import fnmatch
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path

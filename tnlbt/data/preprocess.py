@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import logging
@@ -85,7 +84,14 @@ from tnlbt.data.recipe1m import (
     iter_json_array,
     valid_image_id,
 )
-from tnlbt.data.vocab import IngredientVocab, Vocab, build_ingredient_vocab, build_vocab, count_words
+from tnlbt.data.vocab import (
+    IngredientVocab,
+    Vocab,
+    build_ingredient_vocab,
+    build_vocab,
+    count_words,
+    encode_recipe_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,23 +173,6 @@ def _split_lines(text: str) -> list[str]:
     if parts[-1]:
         out.append(parts[-1])
     return out
-
-
-# -- text -----------------------------------------------------------------------------------------------
-def encode_recipe_text(
-    vocab: Vocab, cfg: DataConfig, title: str, ingredients: list[str], instructions: list[str]
-) -> dict[str, Any]:
-    """Title / ingredient lines / instruction lines -> token ids with the limits of ``cfg`` (H-T rules).
-
-    Empty lines are skipped; the first ``max_ingredients`` / ``max_instructions`` non-empty lines are kept.
-    """
-    ingr = [s for s in ingredients if s and s.strip()][: cfg.max_ingredients]
-    instr = [s for s in instructions if s and s.strip()][: cfg.max_instructions]
-    return {
-        "title_ids": vocab.encode_sentence(title or "", cfg.max_title_tokens),
-        "ingredient_ids": [vocab.encode_sentence(s, cfg.max_line_tokens) for s in ingr],
-        "instruction_ids": [vocab.encode_sentence(s, cfg.max_line_tokens) for s in instr],
-    }
 
 
 # -- counters ----------------------------------------------------------------------------------------------

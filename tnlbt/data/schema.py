@@ -23,8 +23,11 @@ RECIPE_SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(RECIPE_SCHEMA.names)
+TOKEN_COLUMNS = ("title_ids", "ingredient_ids", "instruction_ids")  # what the recipe encoder reads
 # Columns a training step needs (everything but the raw text and the image ids).
-MODEL_COLUMNS = ("has_image", "title_ids", "ingredient_ids", "instruction_ids", "ingredient_labels", "images")
+MODEL_COLUMNS = ("has_image", *TOKEN_COLUMNS, "ingredient_labels", "images")
+# Columns evaluation embeds (labels and raw text are not read).
+EVAL_COLUMNS = ("id", "has_image", *TOKEN_COLUMNS, "images")
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:

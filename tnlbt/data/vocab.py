@@ -4,6 +4,8 @@ Word ids follow H-T: 0 ``<pad>``, 1 ``<start>``, 2 ``<end>``, then the kept word
 are ordered by count (descending) then alphabetically, so the same counts always give the same ids. A sentence
 is ``[<start>] + ids + [<end>]`` truncated to ``max_len`` afterwards, exactly like H-T (a long line loses its
 ``<end>``).
+:func:`encode_recipe_text` applies the vocabulary and the data limits to a whole recipe: preprocessing and the
+query encoder (:mod:`tnlbt.inference`) both call it, so a query is tokenised exactly like the training rows.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tnlbt.data.text import tokenize
+
+if TYPE_CHECKING:
+    from tnlbt.config import DataConfig
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 PAD_ID, START_ID, END_ID = 0, 1, 2
@@ -108,6 +113,22 @@ class Vocab:
     def load(cls, path: str | Path) -> Vocab:
         """Read ``vocab.json`` from a local path or a URI."""
         return cls.from_dict(json.loads(_read_text(path)))
+
+
+def encode_recipe_text(
+    vocab: Vocab, cfg: DataConfig, title: str, ingredients: list[str], instructions: list[str]
+) -> dict[str, Any]:
+    """Title / ingredient lines / instruction lines -> token ids with the limits of ``cfg`` (H-T rules).
+
+    Empty lines are skipped; the first ``max_ingredients`` / ``max_instructions`` non-empty lines are kept.
+    """
+    ingr = [s for s in ingredients if s and s.strip()][: cfg.max_ingredients]
+    instr = [s for s in instructions if s and s.strip()][: cfg.max_instructions]
+    return {
+        "title_ids": vocab.encode_sentence(title or "", cfg.max_title_tokens),
+        "ingredient_ids": [vocab.encode_sentence(s, cfg.max_line_tokens) for s in ingr],
+        "instruction_ids": [vocab.encode_sentence(s, cfg.max_line_tokens) for s in instr],
+    }
 
 
 def build_vocab(counts: Mapping[str, int], min_count: int) -> Vocab:

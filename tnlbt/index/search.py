@@ -16,7 +16,7 @@ resolved path must stay under the root, so a request can never read another file
 
 Remote runs and data (``s3://...``): the image root and the processed Parquet may be URIs; both are read
 through :mod:`tnlbt.storage` (a photo request reads one Parquet row group, not the whole file). The embedded
-store of a remote run is a local folder (see :mod:`tnlbt.index.embed`); when it is not on this machine
+store of a remote run is a local folder (see :mod:`tnlbt.runs`); when it is not on this machine
 :meth:`IndexReader.from_run` raises :class:`~tnlbt.index.store.IndexNotFound` naming the host that built it.
 """
 
@@ -35,16 +35,10 @@ from typing import Any
 import numpy as np
 
 from tnlbt import storage
-from tnlbt.index.embed import (
-    Encoder,
-    RecipeText,
-    decode_image,
-    default_store_path,
-    index_checkpoint,
-    read_index_meta,
-    run_dir_of,
-)
-from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, IndexSettings, VectorStore, open_store
+from tnlbt.config import StoreConfig
+from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, VectorStore, open_store
+from tnlbt.inference import Encoder, RecipeText, decode_image
+from tnlbt.runs import default_store_path, index_checkpoint, read_index_meta, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -197,30 +191,24 @@ class IndexReader:
         self.images = images or ImageSource()
 
     @classmethod
-    def from_run(
-        cls,
-        run: str | Path,
-        qdrant_url: str | None = None,
-        qdrant_path: str | None = None,
-        store_kind: str | None = None,
-        settings: IndexSettings | Sequence[str] = (),
-    ) -> IndexReader:
-        """Open the run's index. ``settings``: an :class:`IndexSettings`, or ``key=value`` items layered over
-        what ``index.json`` recorded and ``TNLBT_INDEX_*`` (:meth:`IndexSettings.layered`)."""
+    def from_run(cls, run: str | Path, store: StoreConfig | None = None) -> IndexReader:
+        """Open the run's index where ``index.json`` says it is, unless ``store`` names another place;
+        ``store.kind`` auto means the recorded kind, and ``store.settings`` are layered over the recorded
+        settings and ``TNLBT_INDEX_*`` (:meth:`IndexSettings.layered`)."""
+        sc = store or StoreConfig()
         meta = read_index_meta(run)
-        if not isinstance(settings, IndexSettings):
-            settings = IndexSettings.layered(meta.get("index_settings"), settings)
-        kind = store_kind or meta.get("store") or "qdrant"
-        url = qdrant_url or (meta.get("qdrant_url") if not qdrant_path else None)
-        path = None if url else (qdrant_path or meta.get("store_path") or default_store_path(run, kind))
-        if path is not None and not qdrant_path and storage.is_remote(str(run_dir_of(run))):
+        settings = sc.resolved_settings(meta.get("index_settings"))
+        kind = sc.kind if sc.kind != "auto" else (meta.get("store") or "qdrant")
+        url = sc.url or (meta.get("qdrant_url") if not sc.path else None)
+        path = None if url else (sc.path or meta.get("store_path") or default_store_path(run, kind))
+        if path is not None and not sc.path and storage.is_remote(str(run_dir_of(run))):
             _check_local_store(run, meta, path)
-        store = open_store(kind, url=url, path=path, settings=settings)
+        vectors = open_store(kind, url=url, path=path, settings=settings)
         data_dir = meta.get("data_dir")
         split = meta.get("split", "test")
         splits = ["train", "val", "test"] if split == "all" else [split]
         dirs = [join_under(data_dir, s) for s in splits] if data_dir else []
-        return cls(store, ImageSource(meta.get("image_root"), dirs))
+        return cls(vectors, ImageSource(meta.get("image_root"), dirs))
 
     def ready(self) -> dict[str, Any]:
         """Counts per collection; raises if the index is missing or the store is unavailable."""
@@ -265,18 +253,11 @@ class Searcher:
         self.reader = reader
 
     @classmethod
-    def from_run(
-        cls,
-        run: str | Path,
-        qdrant_url: str | None = None,
-        qdrant_path: str | None = None,
-        store_kind: str | None = None,
-        settings: IndexSettings | Sequence[str] = (),
-    ) -> Searcher:
+    def from_run(cls, run: str | Path, store: StoreConfig | None = None) -> Searcher:
         meta = read_index_meta(run)
         ckpt = index_checkpoint(run, meta)  # located, not loaded: a missing checkpoint fails here, cheaply
         # The index before the model: a missing index fails before a remote checkpoint is downloaded.
-        reader = IndexReader.from_run(run, qdrant_url, qdrant_path, store_kind, settings)
+        reader = IndexReader.from_run(run, store)
         try:
             return cls(Encoder(ckpt), reader)
         except BaseException:
@@ -334,9 +315,9 @@ def cli_search(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"run directory not found: {run}")
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"no such image: {args.image}")
+    store = StoreConfig(url=args.qdrant_url, path=args.qdrant_path, settings=tuple(args.index_setting or ()))
     try:
-        searcher = Searcher.from_run(run, qdrant_url=args.qdrant_url, qdrant_path=args.qdrant_path,
-                                     settings=getattr(args, "index_setting", None) or ())
+        searcher = Searcher.from_run(run, store)
     except (StoreUnavailable, IndexNotFound) as e:
         # e.g. the embedded store is open in a running `tnlbt serve` (one process per folder)
         print(f"tnlbt search: {e}", file=sys.stderr)

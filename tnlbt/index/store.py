@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from tnlbt.config import IndexSettings
+
 log = logging.getLogger(__name__)
 
 RECIPES = "recipes"
@@ -91,153 +93,8 @@ def versioned(name: str, version: str) -> str:
 
 
 # -- HNSW / quantisation settings ------------------------------------------------------------------------------
-QUANTIZATIONS = ("none", "int8")
 #: Below this many points the edge store builds no HNSW graph and scans (what it always did).
 EDGE_FULL_SCAN_POINTS = 20_000
-_ENV_PREFIX = "TNLBT_INDEX_"
-
-
-@dataclass(frozen=True)
-class IndexSettings:
-    """How a collection is indexed (build time) and searched (search time), for both stores.
-
-    Build time -- fixed when ``tnlbt index`` builds a collection (stored with it):
-
-    * ``hnsw_m`` edges per node, ``ef_construct`` beam width while building the graph;
-    * ``full_scan_points``: Qdrant's full-scan threshold, in points (converted to KB of vectors for Qdrant).
-      A filtered query expected to match fewer points is answered by scanning them; the edge store also
-      builds no graph at all for a collection smaller than this. ``None``: 20,000 points for the edge store
-      (as before), the server's own default (10,000 KB) for a Qdrant server;
-    * ``quantization``: ``"int8"`` (Qdrant scalar quantisation with ``quantile``, the int8 copy pinned in RAM)
-      or ``"none"``;
-    * ``on_disk_vectors``: keep the original float32 vectors on disk (memory-mapped, not preloaded); with
-      ``int8`` only the 4x smaller quantised copy has to stay in RAM.
-
-    The defaults (int8, originals on disk, rescore with oversampling 2, ``hnsw_ef`` 256) replaced float32 in
-    RAM with ``hnsw_ef`` 128 after ``bench/index.py tradeoff`` (100k x 1024-d clustered vectors, qdrant-edge):
-    rescored int8 has the recall@10 of float32 scores on the same graph, at about half the latency and 2.6x
-    less resident memory, for ~18% more disk; ef 256 instead of 128 buys ~1-2 points of recall@10 (0.96-0.98
-    -> 0.99, varying from build to build) for ~0.1 ms. ``quantization=none on_disk_vectors=false hnsw_ef=128``
-    is the earlier behaviour.
-
-    Search time -- read by whoever queries (``tnlbt serve``, ``tnlbt search``), may differ from the build:
-
-    * ``hnsw_ef`` beam width (at least ``k``); ``exact`` scans every vector (no graph, no quantisation);
-    * ``rescore``: re-rank the quantised candidates with the original vectors (then the scores are exact
-      cosines); ``oversampling``: fetch ``oversampling * k`` quantised candidates before rescoring.
-      Both only matter for a collection built with ``quantization="int8"``.
-
-    qdrant-client's local mode (``:memory:`` / a folder) ignores all of this: it is exact brute force in
-    Python; it drops the HNSW and quantisation configs and warns about ``search_params``, so the local store
-    does not send them.
-
-    Every field can be set from the environment as ``TNLBT_INDEX_<FIELD>`` (e.g. ``TNLBT_INDEX_QUANTIZATION=int8
-    TNLBT_INDEX_HNSW_EF=64``); :func:`open_store` reads it when no settings are given.
-    """
-
-    hnsw_m: int = 16
-    ef_construct: int = 100
-    full_scan_points: int | None = None
-    quantization: str = "int8"
-    quantile: float = 0.99
-    on_disk_vectors: bool = True
-    hnsw_ef: int = 256
-    exact: bool = False
-    rescore: bool = True
-    oversampling: float = 2.0
-
-    BUILD_FIELDS = ("hnsw_m", "ef_construct", "full_scan_points", "quantization", "quantile", "on_disk_vectors")
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"index setting {key}={getattr(self, key)!r}: {what}")
-
-        check(self.hnsw_m >= 2, "hnsw_m", "must be >= 2")
-        check(self.ef_construct >= 4, "ef_construct", "must be >= 4")
-        check(self.full_scan_points is None or self.full_scan_points >= 1, "full_scan_points", "must be >= 1")
-        check(self.quantization in QUANTIZATIONS, "quantization", f"choose one of {', '.join(QUANTIZATIONS)}")
-        check(0.5 <= self.quantile <= 1.0, "quantile", "must be in [0.5, 1]")
-        check(self.hnsw_ef >= 1, "hnsw_ef", "must be >= 1")
-        check(self.oversampling >= 1.0, "oversampling", "must be >= 1.0")
-
-    # -- construction ------------------------------------------------------------------------------------
-    @classmethod
-    def parse(cls, items: Iterable[str] | dict[str, Any] = (), base: IndexSettings | None = None) -> IndexSettings:
-        """``["hnsw_ef=64", "quantization=int8"]`` (or a dict of strings / values) on top of ``base``."""
-        pairs = items.items() if isinstance(items, dict) else (_split_kv(i) for i in items)
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        changes: dict[str, Any] = {}
-        for key, raw in pairs:
-            key = key.strip().lower()
-            if key not in known:
-                raise ValueError(f"unknown index setting {key!r}; allowed: {', '.join(known)}")
-            changes[key] = _coerce_setting(key, known[key].type, raw)
-        return dataclasses.replace(base or cls(), **changes)
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, base: IndexSettings | None = None) -> IndexSettings:
-        """Defaults overridden by ``TNLBT_INDEX_<FIELD>`` variables (unknown ones are an error)."""
-        env = os.environ if environ is None else environ
-        found = {k[len(_ENV_PREFIX) :]: v for k, v in env.items() if k.startswith(_ENV_PREFIX)}
-        return cls.parse(found, base)
-
-    @classmethod
-    def layered(cls, recorded: dict[str, Any] | None = None, items: Iterable[str] = ()) -> IndexSettings:
-        """What a command uses: the defaults, then the settings ``recorded`` in ``index.json`` when the index
-        was built (so a reader searches the way the index was built for), then ``TNLBT_INDEX_*``, then the
-        command line's ``key=value`` items (``--index-setting``), each over the one before."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        base = cls.parse({k: v for k, v in (recorded or {}).items() if k in known})
-        return cls.parse(items, base=cls.from_env(base=base))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def build_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.BUILD_FIELDS}
-
-    def full_scan_kb(self, dim: int, default_points: int | None) -> int | None:
-        """The threshold in KB of float32 vectors, as Qdrant wants it (``None`` = leave the engine default)."""
-        pts = self.full_scan_points if self.full_scan_points is not None else default_points
-        return None if pts is None else max(1, pts * dim * 4 // 1024)
-
-
-def _split_kv(item: str) -> tuple[str, str]:
-    if "=" not in item:
-        raise ValueError(f"index setting {item!r} must look like key=value (e.g. hnsw_ef=64)")
-    k, v = item.split("=", 1)
-    return k, v
-
-
-def _coerce_setting(key: str, tp: Any, raw: Any) -> Any:
-    tp = str(tp)
-    if tp == "str" and isinstance(raw, str):
-        return raw.strip().lower()
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "")):
-        if "None" in tp:
-            return None
-        raise ValueError(f"index setting {key}: a value is required")
-    if tp == "bool":
-        if isinstance(raw, bool):
-            return raw
-        v = str(raw).strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"index setting {key}: expected true or false, got {raw!r}")
-    try:
-        if tp.startswith("int"):
-            f = float(raw)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
-        if tp == "float":
-            return float(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"index setting {key}: expected a number, got {raw!r}") from None
-    return str(raw).strip().lower()
 
 
 @dataclass

@@ -22,6 +22,7 @@ import threading
 import torch
 from torch import Tensor, nn
 
+# The parts of a recipe, each encoded on its own (losses and the training step use the same names).
 COMPONENTS = ("title", "ingredients", "instructions")
 
 

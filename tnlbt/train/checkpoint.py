@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 from tnlbt import storage
+from tnlbt.runs import TRAIN_STATE, is_complete
 
 log = logging.getLogger(__name__)
 
-TRAIN_STATE = "train_state.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,22 +104,6 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
         shutil.rmtree(dst)
     os.replace(tmp, dst)
     return dst
-
-
-def is_complete(ckpt_dir: str | Path, need_train_state: bool = True) -> bool:
-    """True when the checkpoint folder (local path or URI) holds the model files (and ``train_state.pt``).
-
-    On a remote URI only ``need_train_state=True`` proves a finished upload (``train_state.pt`` is uploaded
-    last, see the module docstring); without it a checkpoint being replaced may read as complete.
-    """
-    need = ["model.safetensors", "config.json", "vocab.json"]
-    if need_train_state:
-        need.append(TRAIN_STATE)
-    if storage.is_remote(ckpt_dir):
-        uri = os.fspath(ckpt_dir)
-        return all(storage.exists(storage.join(uri, n)) for n in need)
-    d = storage.as_local(ckpt_dir)
-    return d.is_dir() and all((d / n).exists() for n in need)
 
 
 def load_weights_into(model: nn.Module, ckpt_dir: str | Path) -> None:
