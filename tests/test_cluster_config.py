@@ -648,9 +648,12 @@ def test_dockerfile_matches_pins():
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
     assert base == f"rayproject/ray:{RAY_VERSION}-py311-gpu", base
     assert "pip install --no-cache-dir -r requirements/pins.txt" in text
-    assert "--no-deps -e ." in text  # the project itself must not re-resolve (and swap) torch
+    # The project goes in as a wheel (no editable install: nothing read from a source tree at run time), with
+    # --no-deps so it never re-resolves (and swaps) torch.
+    assert "pip install --no-cache-dir --no-deps /tmp/tnlbt-wheel/tnlbt-*.whl" in text
+    assert " -e ." not in text
     for d in ("tnlbt", "serve", "ui", "configs"):
-        assert f"COPY --chown=ray:users {d} {d}" in text, d
+        assert f"COPY --chown=ray:users {d} /tmp/tnlbt-src/{d}" in text, d
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
     assert ".venv" in ignore and "data" in ignore
 
