@@ -39,19 +39,7 @@ class Vocab:
         self.min_count = int(min_count)
         self.counts: dict[str, int] = dict(counts) if counts else {}
 
-    # -- ids ------------------------------------------------------------------------------------------
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def start_id(self) -> int:
-        return START_ID
-
-    @property
-    def end_id(self) -> int:
-        return END_ID
-
+    # -- ids (the fixed ones are the module constants PAD_ID, START_ID, END_ID) -------------------------
     @property
     def unk_id(self) -> int:
         return len(self.tokens) - 1
