@@ -120,10 +120,10 @@ def load_examples(run: str | Path, n: int = 4) -> dict[str, Any]:
 
     from tnlbt import storage
     from tnlbt.index.search import join_under, parquet_files
-    from tnlbt.runs import local_run_dir, read_index_meta
+    from tnlbt.runs import local_run_dir, read_index_meta, recorded_path
 
     meta = read_index_meta(run)
-    data_dir = meta.get("data_dir")
+    data_dir = recorded_path(run, meta.get("data_dir"))
     out: dict[str, Any] = {"text": [], "images": []}
     if not data_dir or n <= 0:
         return out

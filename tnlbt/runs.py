@@ -226,6 +226,35 @@ def default_store_path(run: str | Path, kind: str) -> str:
 
 
 # -- index metadata ------------------------------------------------------------------------------------------
+# index.json records where things are so that a reader anywhere finds them: paths inside a local run directory
+# relative to it (a run folder copied or moved elsewhere still serves), other local paths absolute (a reader
+# in another working directory still finds them), URIs as they are.
+def record_path(run: str | Path, path: str | Path | None) -> str | None:
+    """``path`` as ``index.json`` records it (see above)."""
+    if path is None:
+        return None
+    s = os.fspath(path)
+    if storage.is_remote(s):
+        return s
+    p = Path(s).resolve()
+    rd = run_dir_of(run)
+    # A remote run's local folder is a cache path of this machine, not part of the run: recorded as it is.
+    if isinstance(rd, Path) and p.is_relative_to(rd.resolve()):
+        return p.relative_to(rd.resolve()).as_posix()
+    return str(p)
+
+
+def recorded_path(run: str | Path, recorded: str | None) -> str | None:
+    """A path from ``index.json`` made usable here: relative ones are under the run's local folder; an older
+    index's working-directory-relative path is kept when it exists as given and not under the run."""
+    if not recorded or storage.is_remote(recorded) or os.path.isabs(recorded):
+        return recorded
+    under_run = local_run_dir(run) / recorded
+    if under_run.exists() or not Path(recorded).exists():
+        return str(under_run)
+    return recorded
+
+
 def index_dir(run: str | Path) -> Path | str:
     """``RUN/index``: ``index.json`` and one folder of embeddings per index version."""
     rd = run_dir_of(run)
@@ -264,7 +293,7 @@ def index_checkpoint(run: str | Path, meta: dict[str, Any]) -> Path | str:
     """The checkpoint an index was built with (``meta["checkpoint"]``), located with
     :func:`checkpoint_location`; the run's own checkpoint when that one is not reachable here (an index built
     from a local copy of a run that was then uploaded, or a path relative to another working directory)."""
-    recorded = meta.get("checkpoint")
+    recorded = recorded_path(run, meta.get("checkpoint"))
     if recorded:
         try:
             return checkpoint_location(recorded)

@@ -38,7 +38,15 @@ import numpy as np
 from tnlbt import storage
 from tnlbt.config import IndexConfig
 from tnlbt.inference import Encoder, decode_image
-from tnlbt.runs import checkpoint_location, default_store_path, index_dir, run_dir_of, write_index_meta
+from tnlbt.runs import (
+    checkpoint_location,
+    default_store_path,
+    index_dir,
+    read_index_meta,
+    record_path,
+    run_dir_of,
+    write_index_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -337,20 +345,55 @@ def pa_payloads(table: Any, cols: list[str], id_key: str) -> list[dict[str, Any]
     return [{id_key: ids[i], **{c: v[i] for c, v in data.items()}} for i in range(len(ids))]
 
 
-def _prune_embeddings(run: str | Path, keep: int) -> None:
-    """Drop the ``RUN/index/v*`` embeddings of versions the store no longer keeps (same keep-N rule)."""
+def _embedding_versions(run: str | Path) -> list[str]:
+    """The ``RUN/index/v*`` folders (one per index version), oldest first."""
     d = index_dir(run)
     if isinstance(d, Path):
-        old = sorted(p for p in d.glob("v*") if p.is_dir())[: -max(1, keep)]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
-        return
-    names = sorted(n for n in storage.listdir(d) if n.startswith("v") and storage.isdir(storage.join(d, n)))
-    for n in names[: -max(1, keep)]:
+        return sorted(p.name for p in d.glob("v*") if p.is_dir())
+    return sorted(n for n in storage.listdir(d) if n.startswith("v") and storage.isdir(storage.join(d, n)))
+
+
+def _remove_embeddings(run: str | Path, versions: Sequence[str]) -> None:
+    d = index_dir(run)
+    for v in versions:
+        if isinstance(d, Path):
+            shutil.rmtree(d / v, ignore_errors=True)
+            continue
         try:
-            storage.remove(storage.join(d, n))
+            storage.remove(storage.join(d, v))
         except OSError as e:  # a left-over prefix costs storage, not correctness
-            log.warning("could not remove old embeddings %s: %s", storage.join(d, n), e)
+            log.warning("could not remove old embeddings %s: %s", storage.join(d, v), e)
+
+
+def _prune_embeddings(run: str | Path, keep: int) -> None:
+    """Keep the published version's embeddings and the ``keep - 1`` newest older ones (the store's keep-N rule);
+    never the live version's, whatever else lies around."""
+    live = read_index_meta(run).get("version")
+    older = [v for v in _embedding_versions(run) if live is None or v < live]
+    _remove_embeddings(run, older[: max(0, len(older) - (max(1, keep) - 1))])
+
+
+def clean_incomplete(store: Any, run: str | Path) -> list[str]:
+    """What a killed ``tnlbt index`` left: collections that no alias points at and embeddings, both newer than
+    the version ``index.json`` says is published (all of them when nothing is published yet). A build
+    publishes as soon as it is complete, so such a version never was; one ``tnlbt index`` per run at a time."""
+    from tnlbt.index.store import PHOTOS, RECIPES
+
+    aliased = set(store.aliases().values())
+    # killed between the alias switch and index.json: the aliased version is the published one
+    published = [read_index_meta(run).get("version"), *(c.rsplit("__", 1)[-1] for c in aliased)]
+    live = max((v for v in published if v), default=None)
+    dropped = []
+    for name in (RECIPES, PHOTOS):
+        for c in store.versions(name):
+            if c not in aliased and (live is None or c.rsplit("__", 1)[-1] > live):
+                store.drop(c)
+                dropped.append(c)
+    stale = [v for v in _embedding_versions(run) if live is None or v > live]
+    _remove_embeddings(run, stale)
+    if dropped or stale:
+        log.info("removed an unpublished build: collections %s, embeddings %s", dropped, stale)
+    return dropped
 
 
 def index_run(run: str | Path, data_dir: str | Path | None = None, index: IndexConfig | None = None) -> dict[str, Any]:
@@ -376,6 +419,7 @@ def index_run(run: str | Path, data_dir: str | Path | None = None, index: IndexC
     # seconds, not after the whole split has been embedded.
     store = open_store(store_kind, url=sc.url, path=path, settings=sc.resolved_settings())
     try:
+        clean_incomplete(store, run)
         t0 = time.perf_counter()
         recipes, photos, skipped = embed_for_index(
             ckpt, data_dir, index.split, actors=index.actors, batch_size=index.batch_size, device=index.device
@@ -388,7 +432,6 @@ def index_run(run: str | Path, data_dir: str | Path | None = None, index: IndexC
         info = load_into_store(store, recipes, photos, version, keep=index.keep)
     finally:
         store.close()
-    _prune_embeddings(run, index.keep)
     meta = {
         **info,
         "store": store_kind,
@@ -401,14 +444,29 @@ def index_run(run: str | Path, data_dir: str | Path | None = None, index: IndexC
         "skipped_photos": skipped,
         "embed_s": round(t_embed, 3),
         "dim": int(cfg.model.embed_dim),
-        "image_root": cfg.data.images_dir,
+        "image_root": _image_root(data_dir, cfg),
         "index_settings": store.settings.to_dict(),
     }
     if path is not None and storage.is_remote(run_dir_of(run)):
         # the store is on this machine only: say which one, for the reader's error message elsewhere
         meta["store_host"] = socket.gethostname()
-    write_index_meta(run, meta)
+    # index.json gets the paths in a form any reader can use (runs.record_path); the caller gets them as here
+    write_index_meta(run, {**meta, **{k: record_path(run, meta[k]) for k in _RECORDED_PATHS}})
+    _prune_embeddings(run, index.keep)
     return meta
+
+
+_RECORDED_PATHS = ("store_path", "data_dir", "checkpoint", "embeddings", "image_root")
+
+
+def _image_root(data_dir: str | Path, cfg: Any) -> str:
+    """The photo tree preprocessing read (``processed/config.json``), else the run config's: photos are served
+    from the tree the index was built from, not from wherever the training config pointed."""
+    try:
+        recorded = json.loads(storage.read_text(storage.join(data_dir, "config.json"))).get("images_dir")
+    except (FileNotFoundError, ValueError):
+        recorded = None
+    return recorded or cfg.data.images_dir
 
 
 def index_config_from_args(args: argparse.Namespace) -> IndexConfig:

@@ -38,7 +38,7 @@ from tnlbt import storage
 from tnlbt.config import StoreConfig
 from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, VectorStore, open_store
 from tnlbt.inference import Encoder, RecipeText, decode_image
-from tnlbt.runs import default_store_path, index_checkpoint, read_index_meta, run_dir_of
+from tnlbt.runs import default_store_path, index_checkpoint, read_index_meta, recorded_path, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +200,20 @@ class IndexReader:
         settings = sc.resolved_settings(meta.get("index_settings"))
         kind = sc.kind if sc.kind != "auto" else (meta.get("store") or "qdrant")
         url = sc.url or (meta.get("qdrant_url") if not sc.path else None)
-        path = None if url else (sc.path or meta.get("store_path") or default_store_path(run, kind))
+        recorded = recorded_path(run, meta.get("store_path"))
+        path = None if url else (sc.path or recorded or default_store_path(run, kind))
         if path is not None and not sc.path and storage.is_remote(str(run_dir_of(run))):
             _check_local_store(run, meta, path)
+        if path is not None and path != ":memory:" and not Path(path).is_dir():
+            # opening would create an empty store folder (and then answer "no collection"): say what is missing
+            run_s = str(run_dir_of(run))
+            raise IndexNotFound(f"no index at {path} for {run_s}: run `tnlbt index --run {run_s}` first")
         vectors = open_store(kind, url=url, path=path, settings=settings)
-        data_dir = meta.get("data_dir")
+        data_dir = recorded_path(run, meta.get("data_dir"))
         split = meta.get("split", "test")
         splits = ["train", "val", "test"] if split == "all" else [split]
         dirs = [join_under(data_dir, s) for s in splits] if data_dir else []
-        return cls(vectors, ImageSource(meta.get("image_root"), dirs))
+        return cls(vectors, ImageSource(recorded_path(run, meta.get("image_root")), dirs))
 
     def ready(self) -> dict[str, Any]:
         """Counts per collection; raises if the index is missing or the store is unavailable."""
