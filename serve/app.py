@@ -28,6 +28,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -243,11 +245,12 @@ def run_local(
     return urls
 
 
-def wait_ready(base_url: str, timeout_s: float = 120.0) -> bool:
+def wait_ready(base_url: str, timeout_s: float = 120.0, stop: threading.Event | None = None) -> bool:
+    """Poll ``/readyz`` until it answers 200 (True), the time is up or ``stop`` is set (False)."""
     import urllib.request
 
     deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    while time.time() < deadline and not (stop and stop.is_set()):
         try:
             with urllib.request.urlopen(f"{base_url.rstrip('/')}/readyz", timeout=5) as r:
                 if r.status == 200:
@@ -255,6 +258,21 @@ def wait_ready(base_url: str, timeout_s: float = 120.0) -> bool:
         except Exception:
             time.sleep(1.0)
     return False
+
+
+def stop_on_signals() -> threading.Event:
+    """SIGTERM (what ``docker stop``, Kubernetes and systemd send) and SIGINT (Ctrl-C) set the returned event
+    instead of killing the process mid-request (or letting Ray's handler dump its stacks): the caller then shuts
+    Serve down gracefully (replicas finish their in-flight requests) and exits 0. Main thread only."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.signum = signum  # type: ignore[attr-defined]  # which one, for the closing line
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
 
 
 def patient_serve_env() -> None:
@@ -266,27 +284,36 @@ def patient_serve_env() -> None:
 def serve_until_interrupted(
     app_args: dict[str, Any] | ServeConfig, host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 120.0
 ) -> int:
-    """Start Ray (if needed), the API and the UI; print the URLs and block until Ctrl-C."""
+    """Start Ray (if needed), the API and the UI; print the URLs and serve until SIGTERM or Ctrl-C, then stop
+    accepting, let in-flight requests finish, shut Serve and Ray down and return 0."""
+    import ray
+    from ray import serve
 
     patient_serve_env()
     from tnlbt.ray_init import ensure_ray
 
     # Locally at least 4 logical CPUs: the app's five deployments must all be scheduled on a 2-core laptop.
-    ensure_ray(max(4, os.cpu_count() or 1))
-    print("[serve] starting the API and the UI on Ray Serve ...", flush=True)
-    urls = run_local(app_args, host=host, port=port)
-    ok = wait_ready(f"http://{host}:{port}", timeout_s=ready_timeout_s)
-    print("ready:" if ok else "started, but /readyz is not 200 yet (see `serve status`):", flush=True)
-    for name, url in urls.items():
-        print(f"  {name:6s} {url}")
-    print("Ctrl-C to stop.", flush=True)
+    started_ray = ensure_ray(max(4, os.cpu_count() or 1))
+    stop = stop_on_signals()  # after ray.init: ours must be the handler that runs, not Ray's
+    t0 = time.perf_counter()
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        print("[serve] starting the API and the UI on Ray Serve ...", flush=True)
+        urls = run_local(app_args, host=host, port=port)
+        ok = wait_ready(f"http://{host}:{port}", timeout_s=ready_timeout_s, stop=stop)
+        if not stop.is_set():
+            print("ready:" if ok else "started, but /readyz is not 200 yet (see `serve status`):", flush=True)
+            for name, url in urls.items():
+                print(f"  {name:6s} {url}")
+            print("Ctrl-C to stop.", flush=True)
+        stop.wait()
+    finally:
+        t1 = time.perf_counter()
+        serve.shutdown()  # proxies stop accepting; replicas drain their in-flight requests, then exit
+        if started_ray:
+            ray.shutdown()
+    name = signal.Signals(getattr(stop, "signum", signal.SIGINT)).name
+    print(f"[serve] {name}: stopped after {t1 - t0:.0f} s (shut down in {time.perf_counter() - t1:.1f} s)",
+          flush=True)
     return 0
 
 
