@@ -29,7 +29,7 @@ dead
   picks (Ray resolves ``s3://``/``gs://`` itself on each node; other schemes travel as a pickled filesystem),
   and ``RunConfig(storage_path=, storage_filesystem=)`` comes from the same function, so Ray's experiment
   folder is still ``{runs_dir}/{run_name}``. Rank 0 stages and publishes the run's own files
-  (:class:`tnlbt.train.loop.RunFiles`). ``TNLBT_STORAGE_ROUTES`` (an object store on disk standing in for
+  (:class:`tnlbt.train.run_files.RunFiles`). ``TNLBT_STORAGE_ROUTES`` (an object store on disk standing in for
   S3 in tests) is forwarded to the workers' environment, because a Ray cluster started before it was set
   would not route the scheme otherwise.
 """
@@ -48,7 +48,8 @@ import torch
 
 from tnlbt import storage
 from tnlbt.config import Config
-from tnlbt.train.loop import TRAIN_COLUMNS, LocalBackend, Rows, count_rows, run_training, split_parquet_files
+from tnlbt.train.backend import TRAIN_COLUMNS, LocalBackend, Rows, count_rows, split_parquet_files
+from tnlbt.train.loop import run_training
 
 log = logging.getLogger(__name__)
 
