@@ -26,8 +26,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """Autocast dtype for the forward passes, or None for fp32.
 
     ``auto``: bf16 on CUDA devices that support it; on CPU bf16 when the CPU has bf16 units, else fp32.
-    Measured here (bench/results/train.json, section ``flops``): a demo_cpu training step runs 3.2x faster
-    under bf16 autocast than in fp32 on these cores (2048^3 GEMM: 3.4x), so ``auto`` takes bf16 on such
+    Measured on a quiet box with AMX: a demo_cpu training step runs 1.16-1.3x faster under bf16 autocast
+    than in fp32 (a 2048^3 GEMM alone: 2,339 against 392 GFLOP/s), which is why ``auto`` takes bf16 on such
     CPUs. Parameters, optimiser state and the losses stay fp32 (autocast only lowers matmuls/convs), so no
     loss scaling is needed. ``fp32`` / ``bf16`` force the choice (tests use fp32 for exact comparisons).
     """
