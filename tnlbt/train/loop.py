@@ -1,10 +1,11 @@
 """The per-worker training loop, plain PyTorch (no Ray import here).
 
-:func:`run_training` is the body every data-parallel worker runs. Everything that differs between a Ray Train
-worker and a single process (``tnlbt train --no-ray``) sits behind a small
-:class:`~tnlbt.train.backend.Backend`: rank and world size, the device, where batches of Parquet rows come
-from, where a checkpoint to resume from is, and how an epoch's metrics and checkpoint are reported
-(:mod:`tnlbt.train.backend` holds the one-process backend, the Ray one lives in ``ray_trainer.py``).
+:func:`run_training` is the body every data-parallel worker runs: build the model, resume, then train and
+close each epoch (validate, checkpoint, report). Everything that differs between a Ray Train worker and a single
+process (``tnlbt train --no-ray``) sits behind a small :class:`~tnlbt.train.backend.Backend`: rank and world
+size, the device, where batches of Parquet rows come from, where a checkpoint to resume from is, and how an
+epoch's metrics and checkpoint are reported (:mod:`tnlbt.train.backend` holds the one-process backend, the Ray
+one lives in ``ray_trainer.py``).
 
 One epoch = ``steps_per_epoch`` paired optimiser steps, the same number on every rank (collectives must
 match). Each paired step takes ``scaling.cache_steps`` micro-batches of ``train.batch_size`` rows; H-T's
@@ -44,6 +45,7 @@ import torch
 from tnlbt import storage
 from tnlbt.config import Config
 from tnlbt.distributed import all_reduce_grads, any_rank, broadcast_model
+from tnlbt.losses import margin_at
 from tnlbt.train import checkpoint as ckpt_mod
 from tnlbt.train.backend import Backend, Rows, count_rows
 from tnlbt.train.lr import lr_factor, set_lr
@@ -53,10 +55,13 @@ from tnlbt.train.validation import validate
 
 log = logging.getLogger(__name__)
 
+Batch = dict[str, torch.Tensor]
 
-# -- loop state --------------------------------------------------------------------------------------------
+
 @dataclass
 class LoopState:
+    """The loop's counters: saved in every checkpoint's ``train_state.pt``, restored on resume."""
+
     epoch: int = 0  # current epoch (0-based); == epochs when training is finished
     epoch_step: int = 0  # paired steps done in the current epoch
     step: int = 0  # global paired optimiser steps
@@ -68,25 +73,8 @@ class LoopState:
     samples_seen: int = 0
 
 
-# -- the loop ------------------------------------------------------------------------------------------------
-def _next_synced(it: Iterator[Rows] | None, backend: Backend) -> Rows | None:
-    """The next batch, or None on every rank as soon as any rank has run out (ranks must stay in step)."""
-    rows = None
-    if it is not None:
-        try:
-            rows = next(it)
-        except StopIteration:
-            rows = None
-    if any_rank(rows is None, backend.world_size, backend.device):
-        return None
-    return rows
-
-
-def _load_json(path: str | Path) -> Any:
-    return json.loads(storage.read_text(path))
-
-
 def steps_per_epoch_for(cfg: Config, n_paired: int, world_size: int) -> int:
+    """Whole global batches in ``n_paired`` rows, at most ``train.max_steps_per_epoch`` (when set)."""
     per_step = cfg.train.batch_size * world_size * cfg.scaling.cache_steps
     steps = n_paired // per_step
     if cfg.train.max_steps_per_epoch:
@@ -103,242 +91,23 @@ def run_training(
     :class:`~tnlbt.train.run_files.RunFiles` for what a remote run directory gets. ``n_paired`` is the number of
     paired train rows (to size epochs identically on every rank); counted from the Parquet files when not given.
     """
-    from tnlbt.data.collate import collate
-    from tnlbt.losses import margin_at
-    from tnlbt.models import create_model
-    from tnlbt.train.step import TrainStep, build_optimizers
-
     data_uri = os.fspath(data_dir)
-    rank, world, device = backend.rank, backend.world_size, backend.device
-    is_main = rank == 0
-    vocab_tokens = _load_json(storage.join(data_uri, "vocab.json"))["tokens"]
-    ingredient_names = _load_json(storage.join(data_uri, "ingredients.json"))["names"]
-
-    torch.manual_seed(cfg.train.seed)  # same init on every rank (and broadcast below anyway)
-    model = create_model(cfg, len(vocab_tokens), len(ingredient_names)).to(device)
-    model.train()
-    optimizers = build_optimizers(model, cfg)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    step_fn = TrainStep(model, cfg, rank=rank, world_size=world, device=device, amp_dtype=amp_dtype)
-
+    parts = _build(cfg, backend, data_uri)
     if n_paired is None:
         n_paired = count_rows(storage.join(data_uri, "train"))[0]
-    steps_per_epoch = steps_per_epoch_for(cfg, n_paired, world)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{n_paired} paired train rows are fewer than one global batch "
-            f"({cfg.train.batch_size} x {world} workers x {cfg.scaling.cache_steps} cache steps)"
-        )
-    total_steps = steps_per_epoch * cfg.train.epochs
+    steps_per_epoch = _checked_steps_per_epoch(cfg, n_paired, backend.world_size)
+    state = _resume(parts, backend, run_dir)
+    _sync_replicas(parts.model, cfg, backend, state.step)
 
-    # -- resume ---------------------------------------------------------------------------------------------
-    state = LoopState()
-    with contextlib.ExitStack() as stack:
-        rdir = stack.enter_context(backend.resume_dir())
-        if rdir is None:
-            rdir = ckpt_mod.latest_checkpoint(run_dir)  # rerun with the same name: continue the run
-        if rdir is not None and storage.is_remote(rdir):
-            # every rank downloads its own copy (ranks may sit on different nodes); deleted after loading
-            rdir = (
-                stack.enter_context(ckpt_mod.local_checkpoint(rdir))
-                if ckpt_mod.is_complete(rdir, need_train_state=False)
-                else None
-            )
-        if rdir is not None and ckpt_mod.is_complete(rdir, need_train_state=False):
-            ckpt_mod.load_weights_into(model, rdir)
-            ts = ckpt_mod.load_train_state(rdir)
-            if ts is not None:
-                for name, opt in optimizers.items():
-                    if name in ts.get("optimizers", {}):
-                        opt.load_state_dict(ts["optimizers"][name])
-                saved = ts.get("loop", {})
-                state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__annotations__})
-                ckpt_mod.set_rng_state(ts.get("rng"))
-            if is_main:
-                log.info("resumed from %s at epoch %d step %d", rdir, state.epoch, state.step)
-    broadcast_model(model, world)
-    if world > 1:
-        # dropout / noise streams differ per rank (after the shared init and a possible RNG restore)
-        torch.manual_seed(cfg.train.seed * 1000 + rank + 7919 * state.step)
-
+    is_main = backend.rank == 0
     run = RunFiles(run_dir, is_main)
     writer = MetricsWriter(run.local, is_main)
+    summary: dict[str, Any] = {}
     try:
-        image_tf_train = model.image_transform(True)
-        image_tf_eval = model.image_transform(False)
-        n_ing = len(ingredient_names)
-        data_rng = random.Random(cfg.train.seed * 7919 + rank * 104729 + state.step)  # photo pick + augmentation
-
-        def collate_fn(rows: Rows, train: bool = True, with_images: bool = True) -> dict[str, torch.Tensor] | None:
-            try:
-                return collate(
-                    rows,
-                    n_ingredients=n_ing,
-                    image_transform=image_tf_train if train else image_tf_eval,
-                    image_pick=cfg.train.image_pick if train else "first",
-                    rng=data_rng,
-                    with_images=with_images,
-                )
-            except Exception as e:  # a broken row must not kill a multi-day run: skip the batch, count it
-                log.warning("collate failed (%s: %s); batch skipped", type(e).__name__, e)
-                return None
-
-        main_params = [p for g in optimizers["main"].param_groups for p in g["params"]]
-        all_params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
-        bs, k_steps = cfg.train.batch_size, cfg.scaling.cache_steps
-        recipe_bs = bs * cfg.train.recipe_only_batch_mult
-        use_recipe_only = cfg.train.recipe_only_every > 0 and cfg.loss.w_recipe_ssl > 0
-        summary: dict[str, Any] = {}
-        t_log, samples_log = time.perf_counter(), 0
-        last_terms: dict[str, float] = {}
-        ro_terms: dict[str, float] = {}  # the last recipe-only step's terms (logged with the next paired step)
-        bad_batches = 0
-
+        training = _Training(cfg, backend, parts, state, steps_per_epoch, run, writer)
         while state.epoch < cfg.train.epochs:
-            epoch = state.epoch
-            freeze = epoch < cfg.optim.freeze_backbone_epochs
-            if hasattr(model, "freeze_backbone"):
-                model.freeze_backbone(freeze)
-            paired_it = backend.paired_batches(epoch, bs)
-            recipe_it = backend.recipe_batches(epoch, recipe_bs) if use_recipe_only else None
-            while state.epoch_step < steps_per_epoch:
-                # fault injection (tests): rank 0 dies once, at the start of this global step
-                if (
-                    is_main
-                    and cfg.train.fail_at_step >= 0
-                    and state.step == cfg.train.fail_at_step
-                    and not run.fail_marker_exists()
-                ):
-                    run.write_fail_marker(f"failed at step {state.step}\n")
-                    raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
-                progress = epoch + state.epoch_step / steps_per_epoch
-                margin = float(
-                    margin_at(cfg.loss, progress if cfg.loss.margin_per_step else float(epoch), state.active_fraction)
-                )
-                factor = lr_factor(cfg.optim, state.step, steps_per_epoch, total_steps)
-                for opt in optimizers.values():
-                    set_lr(opt, factor)
-
-                # H-T alternation: a recipe-only batch (SSL only) before every recipe_only_every-th paired step
-                if use_recipe_only and state.epoch_step % cfg.train.recipe_only_every == 0:
-                    rows = _next_synced(recipe_it, backend)
-                    if rows is None:  # recipe-only rows exhausted: start another pass over them
-                        recipe_it = backend.recipe_batches(epoch * 1000 + state.epoch_step, recipe_bs)
-                        rows = _next_synced(recipe_it, backend)
-                    batch = collate_fn(rows, train=True, with_images=False) if rows is not None else None
-                    if not any_rank(batch is None, world, device):
-                        batch = {k: v.to(device) for k, v in batch.items()}
-                        for opt in optimizers.values():
-                            opt.zero_grad(set_to_none=True)
-                        ro_terms = step_fn.recipe_only_step(batch, margin)
-                        _finish_step(optimizers, main_params, all_params, ro_terms, cfg, world, device, state)
-                        state.recipe_steps += 1
-
-                mbs_rows = []
-                for _ in range(k_steps):
-                    rows = _next_synced(paired_it, backend)
-                    if rows is None:
-                        break
-                    mbs_rows.append(rows)
-                if len(mbs_rows) < k_steps:
-                    if is_main:
-                        log.warning(
-                            "epoch %d: data ran out after %d of %d steps", epoch, state.epoch_step, steps_per_epoch
-                        )
-                    break
-                mbs = [collate_fn(r, train=True) for r in mbs_rows]
-                if any_rank(any(b is None or "image" not in b for b in mbs), world, device):
-                    bad_batches += 1
-                    state.epoch_step += 1
-                    state.step += 1
-                    continue
-                mbs = [{k: v.to(device) for k, v in b.items()} for b in mbs]
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                terms = step_fn.paired_step(mbs, margin)
-                ok = _finish_step(optimizers, main_params, all_params, terms, cfg, world, device, state)
-                if ok and "active_fraction" in terms:
-                    state.active_fraction = float(terms["active_fraction"])
-                last_terms = terms
-                n_global = bs * k_steps * world
-                state.samples_seen += n_global
-                samples_log += n_global
-                state.step += 1
-                state.epoch_step += 1
-
-                if is_main and (state.step % cfg.train.log_every == 0 or state.epoch_step == steps_per_epoch):
-                    dt = time.perf_counter() - t_log
-                    rec = {
-                        "kind": "train",
-                        "epoch": epoch,
-                        "step": state.step,
-                        "progress": round(epoch + state.epoch_step / steps_per_epoch, 4),
-                        "samples_per_s": samples_log / max(dt, 1e-9),
-                        "lr": cfg.optim.lr * factor,
-                        "margin": margin,
-                        "skipped_steps": state.skipped_steps,
-                        "bad_batches": bad_batches,
-                    }
-                    rec.update(
-                        {f"loss/{k}": float(v) for k, v in {**terms, **ro_terms}.items() if k != "active_fraction"}
-                    )
-                    rec["active_fraction"] = float(terms.get("active_fraction", float("nan")))
-                    writer.write(rec)
-                    run.publish_metrics(force=False)
-                    log.info(
-                        "epoch %d step %d (%d/%d) %.1f samples/s lr %.2e margin %.3f | %s",
-                        epoch,
-                        state.step,
-                        state.epoch_step,
-                        steps_per_epoch,
-                        rec["samples_per_s"],
-                        rec["lr"],
-                        margin,
-                        " ".join(f"{k} {float(v):.4f}" for k, v in terms.items()),
-                    )
-                    t_log, samples_log = time.perf_counter(), 0
-
-                if (
-                    cfg.train.ckpt_every_steps
-                    and state.step % cfg.train.ckpt_every_steps == 0
-                    and state.epoch_step < steps_per_epoch
-                ):
-                    d = _save(model, cfg, vocab_tokens, ingredient_names, optimizers, state, run.local, is_main)
-                    if d is not None:
-                        run.publish_metrics()
-                        run.publish_checkpoint(d, "last")
-                    backend.report({"epoch": epoch, "step": state.step, "margin": margin}, d)
-
-            # -- epoch end: validation, checkpoints ------------------------------------------------------------
-            state.epoch += 1
-            state.epoch_step = 0
-            val: dict[str, float] = {}
-            if is_main:
-                val = validate(model, backend, cfg, collate_fn, amp_dtype)
-                r1 = val.get("val/R@1", -1.0)
-                improved = r1 > state.best_val_r1
-                if improved:
-                    state.best_val_r1, state.best_epoch = r1, epoch
-                rec = {"kind": "val", "epoch": epoch, "step": state.step, **val, "best_val_R@1": state.best_val_r1}
-                writer.write(rec)
-                log.info("epoch %d done: %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in val.items()))
-            d = _save(model, cfg, vocab_tokens, ingredient_names, optimizers, state, run.local, is_main)
-            if d is not None:
-                run.publish_epoch()  # before the checkpoints: a crash in between duplicates records, loses none
-                run.publish_checkpoint(d, "last")
-                if state.best_epoch == epoch:
-                    run.publish_checkpoint(d, "best")
-            margin_now = float(margin_at(cfg.loss, float(state.epoch), state.active_fraction))
-            summary = {
-                "epoch": epoch,
-                "step": state.step,
-                "margin": margin_now,
-                "skipped_steps": state.skipped_steps,
-                "best_val_R@1": state.best_val_r1,
-                **{f"loss/{k}": float(v) for k, v in last_terms.items()},
-                **val,
-            }
-            backend.report(summary, d)
+            training.train_epoch()
+            summary = training.end_epoch()
     finally:
         try:
             writer.close()
@@ -355,52 +124,378 @@ def run_training(
     return summary
 
 
-def _finish_step(
-    optimizers: dict[str, torch.optim.Optimizer],
-    main_params,
-    all_params,
-    terms: dict[str, float],
-    cfg: Config,
-    world: int,
-    device: torch.device,
-    state: LoopState,
-) -> bool:
-    """All-reduce gradients, skip non-finite steps on every rank together, clip, step. True if stepped."""
-    all_reduce_grads(all_params, world)
-    bad = not all(math.isfinite(float(v)) for v in terms.values())
-    if not bad:
-        bad = not all(torch.isfinite(p.grad).all() for p in all_params if p.grad is not None)
-    if any_rank(bad, world, device):
-        state.skipped_steps += 1
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", state.step, state.skipped_steps)
-        return False
-    if cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(main_params, cfg.optim.grad_clip)
-    for opt in optimizers.values():
-        opt.step()
-    return True
+# -- set-up and resume ---------------------------------------------------------------------------------------
+@dataclass
+class _Parts:
+    """What a worker trains and saves: the model, its optimisers and step, and the vocabularies of a checkpoint."""
+
+    model: Any  # tnlbt.models.TNLBT (imported lazily, like the step)
+    optimizers: dict[str, torch.optim.Optimizer]
+    step_fn: Any  # tnlbt.train.step.TrainStep
+    amp_dtype: torch.dtype | None
+    vocab_tokens: list[str]
+    ingredient_names: list[str]
 
 
-def _save(
-    model,
-    cfg: Config,
-    vocab_tokens,
-    ingredient_names,
-    optimizers,
-    state: LoopState,
-    run_dir: Path | None,
-    is_main: bool,
-) -> Path | None:
-    """Rank 0: write ``run_dir/checkpoints/last`` (a local folder: the run dir or a remote run's staging)."""
-    if not is_main or run_dir is None:
+def _build(cfg: Config, backend: Backend, data_uri: str) -> _Parts:
+    from tnlbt.models import create_model
+    from tnlbt.train.step import TrainStep, build_optimizers
+
+    vocab_tokens = _load_json(storage.join(data_uri, "vocab.json"))["tokens"]
+    ingredient_names = _load_json(storage.join(data_uri, "ingredients.json"))["names"]
+    torch.manual_seed(cfg.train.seed)  # same init on every rank (and broadcast below anyway)
+    model = create_model(cfg, len(vocab_tokens), len(ingredient_names)).to(backend.device)
+    model.train()
+    optimizers = build_optimizers(model, cfg)
+    amp_dtype = resolve_precision(cfg.train.precision, backend.device)
+    step_fn = TrainStep(
+        model, cfg, rank=backend.rank, world_size=backend.world_size, device=backend.device, amp_dtype=amp_dtype
+    )
+    return _Parts(model, optimizers, step_fn, amp_dtype, vocab_tokens, ingredient_names)
+
+
+def _load_json(path: str | Path) -> Any:
+    return json.loads(storage.read_text(path))
+
+
+def _checked_steps_per_epoch(cfg: Config, n_paired: int, world: int) -> int:
+    steps = steps_per_epoch_for(cfg, n_paired, world)
+    if steps < 1:
+        raise ValueError(
+            f"{n_paired} paired train rows are fewer than one global batch "
+            f"({cfg.train.batch_size} x {world} workers x {cfg.scaling.cache_steps} cache steps)"
+        )
+    return steps
+
+
+def _resume(parts: _Parts, backend: Backend, run_dir: str | Path) -> LoopState:
+    """Weights, optimiser states, loop state and RNG states from the checkpoint to resume from, if there is one."""
+    state = LoopState()
+    with contextlib.ExitStack() as stack:
+        rdir = _checkpoint_to_resume(stack, backend, run_dir)
+        if rdir is None:
+            return state
+        ckpt_mod.load_weights_into(parts.model, rdir)
+        ts = ckpt_mod.load_train_state(rdir)
+        if ts is not None:
+            for name, opt in parts.optimizers.items():
+                if name in ts.get("optimizers", {}):
+                    opt.load_state_dict(ts["optimizers"][name])
+            saved = ts.get("loop", {})
+            state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__annotations__})
+            ckpt_mod.set_rng_state(ts.get("rng"))
+        if backend.rank == 0:
+            log.info("resumed from %s at epoch %d step %d", rdir, state.epoch, state.step)
+    return state
+
+
+def _checkpoint_to_resume(stack: contextlib.ExitStack, backend: Backend, run_dir: str | Path) -> Path | str | None:
+    """The backend's checkpoint, else the run's latest (a rerun with the same name continues the run); None
+    unless complete. A remote one is downloaded into a folder ``stack`` deletes."""
+    rdir = stack.enter_context(backend.resume_dir())
+    if rdir is None:
+        rdir = ckpt_mod.latest_checkpoint(run_dir)
+    if rdir is not None and storage.is_remote(rdir):
+        # every rank downloads its own copy (ranks may sit on different nodes); deleted after loading
+        rdir = (
+            stack.enter_context(ckpt_mod.local_checkpoint(rdir))
+            if ckpt_mod.is_complete(rdir, need_train_state=False)
+            else None
+        )
+    if rdir is not None and ckpt_mod.is_complete(rdir, need_train_state=False):
+        return rdir
+    return None
+
+
+def _sync_replicas(model: torch.nn.Module, cfg: Config, backend: Backend, step: int) -> None:
+    broadcast_model(model, backend.world_size)
+    if backend.world_size > 1:
+        # dropout / noise streams differ per rank (after the shared init and a possible RNG restore)
+        torch.manual_seed(cfg.train.seed * 1000 + backend.rank + 7919 * step)
+
+
+def _next_synced(it: Iterator[Rows] | None, backend: Backend) -> Rows | None:
+    """The next batch, or None on every rank as soon as any rank has run out (ranks must stay in step)."""
+    rows = None
+    if it is not None:
+        try:
+            rows = next(it)
+        except StopIteration:
+            rows = None
+    if any_rank(rows is None, backend.world_size, backend.device):
         return None
-    ts = {
-        "loop": asdict(state),
-        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-        "rng": ckpt_mod.rng_state(),
-        "config": cfg.to_dict(),
-        "saved_at": time.time(),
-    }
-    return ckpt_mod.save_checkpoint(run_dir / "checkpoints" / "last", model, cfg, vocab_tokens, ingredient_names, ts)
+    return rows
+
+
+# -- the epochs ----------------------------------------------------------------------------------------------
+class _Training:
+    """The epoch loop of one worker after set-up: its steps, logging, checkpoints and the counters between them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        backend: Backend,
+        parts: _Parts,
+        state: LoopState,
+        steps_per_epoch: int,
+        run: RunFiles,
+        writer: MetricsWriter,
+    ) -> None:
+        from tnlbt.data.collate import collate
+
+        self.cfg, self.backend, self.parts, self.state = cfg, backend, parts, state
+        self.model, self.optimizers, self.step_fn = parts.model, parts.optimizers, parts.step_fn
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * cfg.train.epochs
+        self.run, self.writer = run, writer
+        self.is_main, self.world, self.device = backend.rank == 0, backend.world_size, backend.device
+        self._collate_rows = collate
+        self.image_tf_train = self.model.image_transform(True)
+        self.image_tf_eval = self.model.image_transform(False)
+        # photo pick + augmentation
+        self.data_rng = random.Random(cfg.train.seed * 7919 + backend.rank * 104729 + state.step)
+        self.main_params = [p for g in self.optimizers["main"].param_groups for p in g["params"]]
+        self.all_params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
+        self.bs, self.k_steps = cfg.train.batch_size, cfg.scaling.cache_steps
+        self.recipe_bs = self.bs * cfg.train.recipe_only_batch_mult
+        self.use_recipe_only = cfg.train.recipe_only_every > 0 and cfg.loss.w_recipe_ssl > 0
+        self.recipe_it: Iterator[Rows] | None = None
+        self.t_log, self.samples_log = time.perf_counter(), 0  # throughput since the last log line
+        self.last_terms: dict[str, float] = {}
+        self.ro_terms: dict[str, float] = {}  # the last recipe-only step's terms (logged with the next paired step)
+        self.bad_batches = 0
+
+    def collate(self, rows: Rows, train: bool = True, with_images: bool = True) -> Batch | None:
+        """Tensors of a batch of rows; None (logged) when a row is broken."""
+        try:
+            return self._collate_rows(
+                rows,
+                n_ingredients=len(self.parts.ingredient_names),
+                image_transform=self.image_tf_train if train else self.image_tf_eval,
+                image_pick=self.cfg.train.image_pick if train else "first",
+                rng=self.data_rng,
+                with_images=with_images,
+            )
+        except Exception as e:  # a broken row must not kill a multi-day run: skip the batch, count it
+            log.warning("collate failed (%s: %s); batch skipped", type(e).__name__, e)
+            return None
+
+    # -- one epoch ---------------------------------------------------------------------------------------------
+    def train_epoch(self) -> None:
+        """Paired steps (a recipe-only step first when one is due) until ``steps_per_epoch`` or the data runs out."""
+        state, epoch = self.state, self.state.epoch
+        if hasattr(self.model, "freeze_backbone"):
+            self.model.freeze_backbone(epoch < self.cfg.optim.freeze_backbone_epochs)
+        paired_it = self.backend.paired_batches(epoch, self.bs)
+        self.recipe_it = self.backend.recipe_batches(epoch, self.recipe_bs) if self.use_recipe_only else None
+        while state.epoch_step < self.steps_per_epoch:
+            self._maybe_inject_fault()
+            margin, factor = self._schedule()
+            # H-T alternation: a recipe-only batch (SSL only) before every recipe_only_every-th paired step
+            if self.use_recipe_only and state.epoch_step % self.cfg.train.recipe_only_every == 0:
+                self._recipe_only_step(margin)
+            mbs_rows = self._next_paired_rows(paired_it)
+            if mbs_rows is None:
+                if self.is_main:
+                    log.warning(
+                        "epoch %d: data ran out after %d of %d steps", epoch, state.epoch_step, self.steps_per_epoch
+                    )
+                break
+            mbs = self._collate_paired(mbs_rows)
+            if mbs is None:  # a broken batch on some rank: every rank skips the step, and counts it
+                self.bad_batches += 1
+                state.epoch_step += 1
+                state.step += 1
+                continue
+            terms = self._paired_step(mbs, margin)
+            self._log_step(terms, margin, factor)
+            self._maybe_step_checkpoint(margin)
+
+    def _maybe_inject_fault(self) -> None:
+        """Fault injection (tests): rank 0 dies once, at the start of global step ``train.fail_at_step``."""
+        t, step = self.cfg.train, self.state.step
+        if self.is_main and t.fail_at_step >= 0 and step == t.fail_at_step and not self.run.fail_marker_exists():
+            self.run.write_fail_marker(f"failed at step {step}\n")
+            raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+
+    def _schedule(self) -> tuple[float, float]:
+        """This step's margin and learning-rate factor (set on every optimiser)."""
+        state, epoch = self.state, self.state.epoch
+        progress = epoch + state.epoch_step / self.steps_per_epoch
+        at = progress if self.cfg.loss.margin_per_step else float(epoch)
+        margin = float(margin_at(self.cfg.loss, at, state.active_fraction))
+        factor = lr_factor(self.cfg.optim, state.step, self.steps_per_epoch, self.total_steps)
+        for opt in self.optimizers.values():
+            set_lr(opt, factor)
+        return margin, factor
+
+    def _recipe_only_step(self, margin: float) -> None:
+        state = self.state
+        rows = _next_synced(self.recipe_it, self.backend)
+        if rows is None:  # recipe-only rows exhausted: start another pass over them
+            self.recipe_it = self.backend.recipe_batches(state.epoch * 1000 + state.epoch_step, self.recipe_bs)
+            rows = _next_synced(self.recipe_it, self.backend)
+        batch = self.collate(rows, train=True, with_images=False) if rows is not None else None
+        if any_rank(batch is None, self.world, self.device):
+            return
+        batch = self._to_device(batch)
+        self._zero_grad()
+        self.ro_terms = self.step_fn.recipe_only_step(batch, margin)
+        self._finish_step(self.ro_terms)
+        state.recipe_steps += 1
+
+    def _next_paired_rows(self, paired_it: Iterator[Rows]) -> list[Rows] | None:
+        """The rows of the step's ``cache_steps`` micro-batches; None when any rank has run out of them."""
+        mbs_rows = []
+        for _ in range(self.k_steps):
+            rows = _next_synced(paired_it, self.backend)
+            if rows is None:
+                return None
+            mbs_rows.append(rows)
+        return mbs_rows
+
+    def _collate_paired(self, mbs_rows: list[Rows]) -> list[Batch] | None:
+        """The micro-batches on the device; None on every rank when any rank has a broken one (or no images)."""
+        mbs = [self.collate(r, train=True) for r in mbs_rows]
+        if any_rank(any(b is None or "image" not in b for b in mbs), self.world, self.device):
+            return None
+        return [self._to_device(b) for b in mbs]
+
+    def _paired_step(self, mbs: list[Batch], margin: float) -> dict[str, float]:
+        state = self.state
+        self._zero_grad()
+        terms = self.step_fn.paired_step(mbs, margin)
+        if self._finish_step(terms) and "active_fraction" in terms:
+            state.active_fraction = float(terms["active_fraction"])
+        self.last_terms = terms
+        n_global = self.bs * self.k_steps * self.world
+        state.samples_seen += n_global
+        self.samples_log += n_global
+        state.step += 1
+        state.epoch_step += 1
+        return terms
+
+    def _finish_step(self, terms: dict[str, float]) -> bool:
+        """All-reduce gradients, skip non-finite steps on every rank together, clip, step. True if stepped."""
+        all_reduce_grads(self.all_params, self.world)
+        bad = not all(math.isfinite(float(v)) for v in terms.values())
+        if not bad:
+            bad = not all(torch.isfinite(p.grad).all() for p in self.all_params if p.grad is not None)
+        if any_rank(bad, self.world, self.device):
+            self.state.skipped_steps += 1
+            self._zero_grad()
+            log.warning(
+                "non-finite loss or gradient at step %d: step skipped (%d so far)",
+                self.state.step,
+                self.state.skipped_steps,
+            )
+            return False
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.main_params, self.cfg.optim.grad_clip)
+        for opt in self.optimizers.values():
+            opt.step()
+        return True
+
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _log_step(self, terms: dict[str, float], margin: float, factor: float) -> None:
+        """Rank 0, every ``train.log_every`` steps and at the epoch's last: a ``train`` record and a log line."""
+        state, epoch, spe = self.state, self.state.epoch, self.steps_per_epoch
+        if not (self.is_main and (state.step % self.cfg.train.log_every == 0 or state.epoch_step == spe)):
+            return
+        dt = time.perf_counter() - self.t_log
+        rec = {
+            "kind": "train",
+            "epoch": epoch,
+            "step": state.step,
+            "progress": round(epoch + state.epoch_step / spe, 4),
+            "samples_per_s": self.samples_log / max(dt, 1e-9),
+            "lr": self.cfg.optim.lr * factor,
+            "margin": margin,
+            "skipped_steps": state.skipped_steps,
+            "bad_batches": self.bad_batches,
+        }
+        rec.update({f"loss/{k}": float(v) for k, v in {**terms, **self.ro_terms}.items() if k != "active_fraction"})
+        rec["active_fraction"] = float(terms.get("active_fraction", float("nan")))
+        self.writer.write(rec)
+        self.run.publish_metrics(force=False)
+        log.info(
+            "epoch %d step %d (%d/%d) %.1f samples/s lr %.2e margin %.3f | %s",
+            epoch,
+            state.step,
+            state.epoch_step,
+            spe,
+            rec["samples_per_s"],
+            rec["lr"],
+            margin,
+            " ".join(f"{k} {float(v):.4f}" for k, v in terms.items()),
+        )
+        self.t_log, self.samples_log = time.perf_counter(), 0
+
+    def _maybe_step_checkpoint(self, margin: float) -> None:
+        """Every ``train.ckpt_every_steps`` steps, except at an epoch's end (which checkpoints anyway)."""
+        state, every = self.state, self.cfg.train.ckpt_every_steps
+        if not (every and state.step % every == 0 and state.epoch_step < self.steps_per_epoch):
+            return
+        d = self._save()
+        if d is not None:
+            self.run.publish_metrics()
+            self.run.publish_checkpoint(d, "last")
+        self.backend.report({"epoch": state.epoch, "step": state.step, "margin": margin}, d)
+
+    # -- epoch end ---------------------------------------------------------------------------------------------
+    def end_epoch(self) -> dict[str, Any]:
+        """Validate (rank 0), checkpoint ``last`` (and ``best``), report; the epoch's summary."""
+        state, epoch = self.state, self.state.epoch
+        state.epoch += 1
+        state.epoch_step = 0
+        val = self._validate(epoch) if self.is_main else {}
+        d = self._save()
+        if d is not None:
+            self.run.publish_epoch()  # before the checkpoints: a crash in between duplicates records, loses none
+            self.run.publish_checkpoint(d, "last")
+            if state.best_epoch == epoch:
+                self.run.publish_checkpoint(d, "best")
+        summary = {
+            "epoch": epoch,
+            "step": state.step,
+            "margin": float(margin_at(self.cfg.loss, float(state.epoch), state.active_fraction)),
+            "skipped_steps": state.skipped_steps,
+            "best_val_R@1": state.best_val_r1,
+            **{f"loss/{k}": float(v) for k, v in self.last_terms.items()},
+            **val,
+        }
+        self.backend.report(summary, d)
+        return summary
+
+    def _validate(self, epoch: int) -> dict[str, float]:
+        """Validation metrics of the finished ``epoch``, a ``val`` record, and the best epoch so far."""
+        state = self.state
+        val = validate(self.model, self.backend, self.cfg, self.collate, self.parts.amp_dtype)
+        r1 = val.get("val/R@1", -1.0)
+        if r1 > state.best_val_r1:
+            state.best_val_r1, state.best_epoch = r1, epoch
+        self.writer.write({"kind": "val", "epoch": epoch, "step": state.step, **val, "best_val_R@1": state.best_val_r1})
+        log.info("epoch %d done: %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        return val
+
+    def _save(self) -> Path | None:
+        """Rank 0: write ``checkpoints/last`` in the local run folder (the run dir or a remote run's staging)."""
+        if not self.is_main or self.run.local is None:
+            return None
+        ts = {
+            "loop": asdict(self.state),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "rng": ckpt_mod.rng_state(),
+            "config": self.cfg.to_dict(),
+            "saved_at": time.time(),
+        }
+        p = self.parts
+        return ckpt_mod.save_checkpoint(
+            self.run.local / "checkpoints" / "last", self.model, self.cfg, p.vocab_tokens, p.ingredient_names, ts
+        )
