@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -45,7 +44,7 @@ import torch
 from tnlbt import storage
 from tnlbt.config import Config
 from tnlbt.distributed import all_reduce_grads, any_rank, broadcast_model
-from tnlbt.losses import margin_at
+from tnlbt.losses import check_finite, grads_finite, margin_at
 from tnlbt.train import checkpoint as ckpt_mod
 from tnlbt.train.backend import Backend, Rows, count_rows
 from tnlbt.train.lr import lr_factor, set_lr
@@ -378,9 +377,7 @@ class _Training:
     def _finish_step(self, terms: dict[str, float]) -> bool:
         """All-reduce gradients, skip non-finite steps on every rank together, clip, step. True if stepped."""
         all_reduce_grads(self.all_params, self.world)
-        bad = not all(math.isfinite(float(v)) for v in terms.values())
-        if not bad:
-            bad = not all(torch.isfinite(p.grad).all() for p in self.all_params if p.grad is not None)
+        bad = bool(check_finite(terms)) or not grads_finite(self.all_params)
         if any_rank(bad, self.world, self.device):
             self.state.skipped_steps += 1
             self._zero_grad()
