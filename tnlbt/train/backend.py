@@ -12,12 +12,16 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from tnlbt import storage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs
 
 Rows = list[dict[str, Any]]
 
@@ -52,7 +56,7 @@ class Backend(Protocol):
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None: ...
 
 
-def split_parquet_files(split_dir: str | Path):
+def split_parquet_files(split_dir: str | Path) -> tuple[pyarrow.fs.FileSystem, list[str]]:
     """``(pyarrow filesystem, sorted paths inside it)`` of the ``*.parquet`` files directly in a split folder.
 
     ``split_dir`` is a local path or a URI (``s3://bucket/processed/train``). Raises ``FileNotFoundError`` when
@@ -67,7 +71,7 @@ def split_parquet_files(split_dir: str | Path):
     return fs, files
 
 
-def read_split_table(split_dir: str | Path, columns: list[str] | None = None):
+def read_split_table(split_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
     """All Parquet parts of a split (local path or URI) as one pyarrow Table (only ``columns`` that exist)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,12 +19,15 @@ from tnlbt.train.precision import maybe_autocast
 
 log = logging.getLogger(__name__)
 
+# ``collate_fn(rows, train=False)``: a batch of tensors, or None for a batch to skip
+CollateFn = Callable[..., dict[str, torch.Tensor] | None]
+
 
 @torch.no_grad()
 def embed_rows(
-    model,
+    model: torch.nn.Module,
     batches: Iterator[Rows],
-    collate_fn,
+    collate_fn: CollateFn,
     device: torch.device,
     max_rows: int = 0,
     amp_dtype: torch.dtype | None = None,
@@ -55,7 +58,9 @@ def embed_rows(
     return torch.cat(imgs).numpy(), torch.cat(recs).numpy()
 
 
-def validate(model, backend: Backend, cfg: Config, collate_fn, amp_dtype) -> dict[str, float]:
+def validate(
+    model: torch.nn.Module, backend: Backend, cfg: Config, collate_fn: CollateFn, amp_dtype: torch.dtype | None
+) -> dict[str, float]:
     """Image->recipe medR / R@K on bags of the VAL split (same bags every epoch: a fixed seed)."""
     from tnlbt.metrics import bagged_metrics
 
