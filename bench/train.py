@@ -208,7 +208,7 @@ def decode(data: str, preset: str, n: int = 300) -> dict[str, Any]:
     from tnlbt.config import Config
     from tnlbt.data.images import decode_rgb
     from tnlbt.models.image_encoder import build_image_transform
-    from tnlbt.train.loop import read_split_table
+    from tnlbt.train.backend import read_split_table
 
     torch.set_num_threads(1)
     cfg = Config.load(preset)
@@ -264,8 +264,9 @@ def demo(data: str, preset: str, overrides: list[str]) -> dict[str, Any]:
     from tnlbt.config import Config
     from tnlbt.metrics import bagged_metrics
     from tnlbt.models import load_model
-    from tnlbt.train.loop import LocalBackend, embed_rows
+    from tnlbt.train.backend import LocalBackend
     from tnlbt.train.ray_trainer import fit, run_dir_for
+    from tnlbt.train.validation import embed_rows
 
     cfg = Config.load(preset, overrides)
     t = time.perf_counter()

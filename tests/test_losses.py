@@ -18,6 +18,7 @@ from tnlbt.losses import (
     balance_translation,
     check_finite,
     gen_losses,
+    grads_finite,
     image_disc_loss,
     ingredient_loss,
     itm_loss,
@@ -477,3 +478,28 @@ def test_check_finite() -> None:
     }
     assert check_finite(terms) == ["b", "c", "e"]
     assert check_finite({"ok": torch.zeros(3)}) == []
+
+
+def test_grads_finite_agrees_with_an_elementwise_check() -> None:
+    def elementwise(params: list[torch.nn.Parameter]) -> bool:
+        return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+
+    def params(*grads: torch.Tensor | None) -> list[torch.nn.Parameter]:
+        out = []
+        for g in grads:
+            p = torch.nn.Parameter(torch.zeros(0 if g is None else g.numel()))
+            p.grad = g
+            out.append(p)
+        return out
+
+    big = torch.full((1000,), 3e38)  # finite, but its 2-norm overflows to inf
+    cases = [
+        params(),
+        params(None, torch.zeros(0)),
+        params(torch.randn(5), big),
+        params(torch.randn(5), torch.tensor([1.0, float("nan")])),
+        params(torch.tensor([float("-inf")]), None),
+        params(torch.zeros(0), torch.randn(70_000)),
+    ]
+    expected = [True, True, True, False, False, True]
+    assert [grads_finite(c) for c in cases] == [elementwise(c) for c in cases] == expected

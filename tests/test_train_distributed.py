@@ -46,8 +46,8 @@ def _slice(b: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tens
 def _grads(rank: int, world: int, k_steps: int, kind: str, out: str | None) -> tuple[dict, dict]:
     """Grad of the step on this rank's share of the global batch, averaged over ranks as the loop does."""
     from tnlbt.config import Config
+    from tnlbt.distributed import all_reduce_grads
     from tnlbt.models import create_model
-    from tnlbt.train.loop import all_reduce_grads
     from tnlbt.train.step import TrainStep
 
     cfg = Config.load("tiny_test", [*OFF, f"loss.triplet={kind}"])

@@ -1,8 +1,11 @@
-"""Thin helpers over ``torch.distributed``: who am I, autograd-aware gather, mean-reduce for logging.
+"""Every collective the training code uses, as thin helpers over ``torch.distributed``.
 
-Everything degrades to the identity when no process group is initialised, so the same training code runs
-in one process, under ``torchrun`` or inside Ray Train workers (which initialise the group themselves).
-No Ray here.
+Who am I (:func:`world_info`, :func:`is_main`), the autograd-aware gather the losses use
+(:func:`gather_with_grad`), a plain gather and a mean-reduce for logging, and the training loop's three
+collectives: average the gradients (:func:`all_reduce_grads`), agree on a flag (:func:`any_rank`) and start
+every replica from rank 0's weights (:func:`broadcast_model`). Everything degrades to the identity when no
+process group is initialised or it has one rank, so the same training code runs in one process, under
+``torchrun`` or inside Ray Train workers (which initialise the group themselves). No Ray here.
 
 Gradient semantics of :func:`gather_with_grad` (what the losses rely on): the forward returns the
 concatenation of every rank's tensor along dim 0 (rank order); the backward sums, over all ranks, the
@@ -33,6 +36,14 @@ def is_main() -> bool:
     return world_info()[0] == 0
 
 
+def _has_peers(world_size: int) -> bool:
+    """True when a collective over ``world_size`` ranks has anyone to talk to (else the helpers are identities).
+
+    The loop passes its backend's world size; the other helpers pass the process group's (1 without one).
+    """
+    return world_size > 1 and _initialized()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather ``x`` along dim 0 with gradients flowing back to every rank's input (sum over ranks).
 
@@ -41,7 +52,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     back to ``torch.distributed.nn.functional.all_gather``; both gave identical gradients with gloo
     (stack-notes §2.4).
     """
-    if not _initialized() or dist.get_world_size() == 1:
+    if not _has_peers(world_info()[1]):
         return x
     x = x.contiguous()
     try:
@@ -58,7 +69,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Plain all-gather along dim 0 (no autograd), e.g. for counts; identity when not distributed."""
-    if not _initialized() or dist.get_world_size() == 1:
+    if not _has_peers(world_info()[1]):
         return x
     x = x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -69,7 +80,42 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor:
     """Mean of ``x`` over ranks, detached (for logging); a float tensor (``x`` itself if not distributed)."""
     t = torch.as_tensor(x).detach().clone().float()
-    if not _initialized() or dist.get_world_size() == 1:
+    if not _has_peers(world_info()[1]):
         return t
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / dist.get_world_size()
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average ``.grad`` over ranks with one flat all-reduce (one message instead of one per tensor)."""
+    if not _has_peers(world_size):
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank (every rank gets the same answer, so they branch together)."""
+    if not _has_peers(world_size):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_model(model: torch.nn.Module, world_size: int) -> None:
+    """Rank 0's parameters and buffers everywhere: all replicas start identical whatever their seeds."""
+    if not _has_peers(world_size):
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)

@@ -8,14 +8,15 @@ discriminator, generator/discriminator terms, KL and the balancing of the two tr
 with BCE for the multi-label ingredient target instead of ACME's MultiLabelMarginLoss [INF]; ITM negatives =
 ALBEF/T-Food (§4.7).
 
-Every loss returns plain tensors or a ``dict`` of named terms (with ``"total"``); the training step combines
-the terms with :func:`total_loss` and skips a step whose terms :func:`check_finite` flags. No Ray here.
+Every loss returns plain tensors or a ``dict`` of named terms (with ``"total"``); the training step
+(:mod:`tnlbt.train.step`) combines the terms with :func:`total_loss`, and the loop (:mod:`tnlbt.train.loop`)
+skips a step whose terms :func:`check_finite` flags or whose gradients :func:`grads_finite` rejects. No Ray here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -347,3 +348,17 @@ def check_finite(terms: Mapping[str, Tensor | float]) -> list[str]:
         elif isinstance(v, int | float) and not math.isfinite(v):
             bad.append(name)
     return bad
+
+
+def grads_finite(params: Iterable[Tensor]) -> bool:
+    """True when every element of every ``.grad`` of ``params`` is finite (params without one are skipped).
+
+    One fused pass instead of an ``isfinite().all()`` and a host sync per tensor: the max-abs (inf) norm of
+    each gradient, which is finite exactly when all its elements are (NaN propagates through the max; unlike
+    the 2-norm it cannot overflow on large finite values), then a single check of the stacked norms.
+    """
+    # empty gradients hold nothing non-finite, and the inf norm of an empty tensor is an error
+    grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
+    if not grads:
+        return True
+    return bool(torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all())

@@ -29,7 +29,7 @@ dead
   picks (Ray resolves ``s3://``/``gs://`` itself on each node; other schemes travel as a pickled filesystem),
   and ``RunConfig(storage_path=, storage_filesystem=)`` comes from the same function, so Ray's experiment
   folder is still ``{runs_dir}/{run_name}``. Rank 0 stages and publishes the run's own files
-  (:class:`tnlbt.train.loop.RunFiles`). ``TNLBT_STORAGE_ROUTES`` (an object store on disk standing in for
+  (:class:`tnlbt.train.run_files.RunFiles`). ``TNLBT_STORAGE_ROUTES`` (an object store on disk standing in for
   S3 in tests) is forwarded to the workers' environment, because a Ray cluster started before it was set
   would not route the scheme otherwise.
 """
@@ -48,7 +48,8 @@ import torch
 
 from tnlbt import storage
 from tnlbt.config import Config
-from tnlbt.train.loop import TRAIN_COLUMNS, LocalBackend, Rows, count_rows, run_training, split_parquet_files
+from tnlbt.train.backend import TRAIN_COLUMNS, LocalBackend, Rows, count_rows, split_parquet_files
+from tnlbt.train.loop import run_training
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 class RayBackend:
     """The loop's view of a Ray Train worker: rank, device, dataset shards, checkpoints, report."""
 
-    def __init__(self, shuffle_buffer: int, resume: str | None, seed: int) -> None:
+    def __init__(self, shuffle_buffer: int, resume: str | None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -67,7 +68,6 @@ class RayBackend:
         self.device = ray.train.torch.get_device()
         self._shuffle = shuffle_buffer or None
         self._resume = resume
-        self._seed = seed
         self._paired = ray.train.get_dataset_shard("train")
         try:
             self._recipe = ray.train.get_dataset_shard("train_recipe")
@@ -76,24 +76,26 @@ class RayBackend:
         self._val = ray.train.get_dataset_shard("val")
 
     @staticmethod
-    def _rows(it, batch_size: int, shuffle: int | None, seed: int | None) -> Iterator[Rows]:
+    def _rows(it, batch_size: int, shuffle: int | None) -> Iterator[Rows]:
         for table in it.iter_batches(
             batch_size=batch_size,
             batch_format="pyarrow",
             drop_last=True,
             local_shuffle_buffer_size=shuffle,
-            local_shuffle_seed=seed,
+            local_shuffle_seed=None,  # unseeded, like the block order: a new shuffle on every pass
             prefetch_batches=1,
         ):
             yield table.to_pylist()
 
+    # ``epoch`` (the Backend protocol's; LocalBackend seeds its shuffle with it) is unused here: Ray Data
+    # reshuffles on every pass over a shard by itself
     def paired_batches(self, epoch: int, batch_size: int) -> Iterator[Rows]:
-        return self._rows(self._paired, batch_size, self._shuffle, None)
+        return self._rows(self._paired, batch_size, self._shuffle)
 
     def recipe_batches(self, epoch: int, batch_size: int) -> Iterator[Rows]:
         if self._recipe is None:
             return iter(())
-        return self._rows(self._recipe, batch_size, self._shuffle, None)
+        return self._rows(self._recipe, batch_size, self._shuffle)
 
     def val_batches(self, batch_size: int) -> Iterator[Rows]:
         for table in self._val.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=1):
@@ -128,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     cfg = Config.from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
-    backend = RayBackend(cfg.train.shuffle_buffer, config.get("resume"), cfg.train.seed)
+    backend = RayBackend(cfg.train.shuffle_buffer, config.get("resume"))
     return run_training(cfg, backend, config["data_dir"], config["run_dir"], n_paired=config["n_paired"])
 
 

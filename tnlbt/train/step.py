@@ -26,8 +26,6 @@ The step only runs backward; the loop all-reduces gradients, clips and steps the
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,6 +34,7 @@ from torch import Tensor, nn
 from tnlbt import losses as L
 from tnlbt.config import Config
 from tnlbt.train.feature_cache import grad_cache_backward
+from tnlbt.train.precision import maybe_autocast
 
 COMPONENTS = ("title", "ingredients", "instructions")
 
@@ -97,17 +96,9 @@ class TrainStep:
         self.use_itm = m.cross_decoder is not None and cfg.loss.w_itm > 0
         self.gen_fused = bool(cfg.model.gen_use_fused) and m.cross_decoder is not None
 
-    @contextlib.contextmanager
-    def _amp(self) -> Iterator[None]:
-        if self.amp_dtype is None:
-            yield
-        else:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype):
-                yield
-
     # -- paired ---------------------------------------------------------------------------------------------
     def _forward(self, mb: dict[str, Tensor]) -> tuple[list[Tensor], dict[str, Any]]:
-        with self._amp():
+        with maybe_autocast(self.device, self.amp_dtype):
             img = self.model.image_features(mb["image"])
             rec = self.model.recipe_features(mb)
         return [img["emb"].float(), rec["emb"].float()], {"img": img, "rec": rec, "batch": mb}
@@ -130,7 +121,7 @@ class TrainStep:
             terms: dict[str, Tensor] = {}
             extra: list[Tensor] = []  # critic losses: own optimisers, not weighted
             fused = None
-            with self._amp():
+            with maybe_autocast(self.device, self.amp_dtype):
                 if self.use_ssl:
                     comps = {c: rec[c].float() for c in COMPONENTS if c in rec}
                     terms["recipe_ssl"] = L.recipe_ssl_loss(comps, model.ssl_project, margin,
@@ -197,7 +188,7 @@ class TrainStep:
     # -- recipe-only ----------------------------------------------------------------------------------------
     def recipe_only_step(self, batch: dict[str, Tensor], margin: float) -> dict[str, float]:
         """H-T recipe-only batch: recipe self-supervision only."""
-        with self._amp():
+        with maybe_autocast(self.device, self.amp_dtype):
             rec = self.model.recipe_features(batch)
             comps = {c: rec[c].float() for c in COMPONENTS if c in rec}
             ssl = L.recipe_ssl_loss(comps, self.model.ssl_project, margin, loss_fn=self.ssl_triplet)
