@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,27 @@ def test_too_little_data_is_a_clear_error(tmp_path: Path, toy_data: Path) -> Non
     cfg = tiny_cfg(tmp_path, toy_data, "train.batch_size=256", "train.run_name=big")
     with pytest.raises(ValueError, match="fewer than one global batch"):
         _run_local(cfg, toy_data)
+
+
+def test_a_killed_checkpoint_write_is_cleaned_by_the_next_save(tmp_path: Path) -> None:
+    """``.last.tmp-*`` (killed while writing) and ``.last.old-*`` (killed during the swap) never stay behind;
+    when the kill fell between the swap's two renames, the moved-aside checkpoint is put back, not deleted."""
+    from tnlbt.models import create_model
+    from tnlbt.runs import is_complete
+    from tnlbt.train.checkpoint import clean_stale, save_checkpoint
+
+    cfg = Config.load("tiny_test")
+    model = create_model(cfg, 10, 3)
+    ckpts = tmp_path / "checkpoints"
+    last = save_checkpoint(ckpts / "last", model, cfg, [f"w{i}" for i in range(10)], ["a", "b", "c"], {"step": 1})
+    (ckpts / ".last.tmp-dead0001").mkdir()
+    (ckpts / ".last.tmp-dead0001" / "model.safetensors").write_bytes(b"half a file")
+    (ckpts / ".last.old-dead0002").mkdir()
+    save_checkpoint(last, model, cfg, [f"w{i}" for i in range(10)], ["a", "b", "c"], {"step": 2})
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last"]
+    assert torch.load(last / "train_state.pt", weights_only=False)["step"] == 2
+
+    # killed between the two renames: `last` is gone, the previous checkpoint sits in .last.old-*
+    os.replace(last, ckpts / ".last.old-dead0003")
+    clean_stale(last)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last"] and is_complete(last)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tnlbt import storage
+from tnlbt.data.schema import MODEL_COLUMNS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -25,15 +26,6 @@ if TYPE_CHECKING:
 
 Rows = list[dict[str, Any]]
 
-# Columns the training step reads; the raw strings (title, ingredients, instructions, ids) stay on disk.
-TRAIN_COLUMNS = [
-    "has_image",
-    "title_ids",
-    "ingredient_ids",
-    "instruction_ids",
-    "ingredient_labels",
-    "images",
-]
 
 
 class Backend(Protocol):
@@ -104,7 +96,7 @@ class LocalBackend:
         self._resume: Path | str | None = (
             (os.fspath(resume) if storage.is_remote(resume) else Path(resume)) if resume else None
         )
-        table = read_split_table(storage.join(os.fspath(data_dir), "train"), TRAIN_COLUMNS)
+        table = read_split_table(storage.join(os.fspath(data_dir), "train"), list(MODEL_COLUMNS))
         self._paired = table.filter(pc.field("has_image"))
         self._recipe = table.filter(~pc.field("has_image"))
         self._val_dir: str | Path = storage.join(os.fspath(data_dir), "val")
@@ -126,7 +118,7 @@ class LocalBackend:
         import pyarrow.compute as pc
 
         if self._val is None:
-            self._val = read_split_table(self._val_dir, TRAIN_COLUMNS).filter(pc.field("has_image"))
+            self._val = read_split_table(self._val_dir, list(MODEL_COLUMNS)).filter(pc.field("has_image"))
         for i in range(0, self._val.num_rows, batch_size):
             yield self._val.slice(i, batch_size).to_pylist()
 

@@ -68,6 +68,22 @@ def set_rng_state(state: dict[str, Any] | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def clean_stale(ckpt_dir: str | Path) -> None:
+    """Remove what a killed writer of ``ckpt_dir`` left next to it: ``.NAME.tmp-*`` (a checkpoint being
+    written) and ``.NAME.old-*`` (the previous one, moved aside for the swap). When the kill fell between the
+    two renames of the swap, ``NAME`` itself is missing and the ``.old`` folder is the last complete checkpoint:
+    it is put back instead."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.parent.is_dir():
+        return
+    olds = sorted(ckpt_dir.parent.glob(f".{ckpt_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not ckpt_dir.exists() and olds and is_complete(olds[-1], need_train_state=False):
+        os.replace(olds.pop(), ckpt_dir)
+        log.warning("restored %s from the previous checkpoint a killed save had moved aside", ckpt_dir)
+    for stale in [*ckpt_dir.parent.glob(f".{ckpt_dir.name}.tmp-*"), *olds]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_checkpoint(
     ckpt_dir: str | Path,
     model: nn.Module,
@@ -81,6 +97,7 @@ def save_checkpoint(
 
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(ckpt_dir)
     tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     save_model(tmp, model, cfg, vocab_tokens, ingredient_names)
     if train_state is not None:
@@ -98,6 +115,7 @@ def save_checkpoint(
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Copy a checkpoint folder (e.g. ``last`` -> ``best``) atomically."""
     src, dst = Path(src), Path(dst)
+    clean_stale(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     shutil.copytree(src, tmp)
     if dst.exists():

@@ -48,7 +48,8 @@ import torch
 
 from tnlbt import storage
 from tnlbt.config import Config
-from tnlbt.train.backend import TRAIN_COLUMNS, LocalBackend, Rows, count_rows, split_parquet_files
+from tnlbt.data.schema import MODEL_COLUMNS
+from tnlbt.train.backend import LocalBackend, Rows, count_rows, split_parquet_files
 from tnlbt.train.loop import run_training
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def build_datasets(data_dir: Path | str, shuffle_blocks: bool = True) -> dict[st
         split_uri = storage.join(os.fspath(data_dir), split)
         fs, inner = split_parquet_files(split_uri)
         names = pq.read_schema(inner[0], filesystem=fs).names
-        columns = [c for c in TRAIN_COLUMNS if c in names]
+        columns = [c for c in MODEL_COLUMNS if c in names]  # the raw strings stay on disk
         if not storage.is_remote(split_uri):
             return ray.data.read_parquet(inner, columns=columns)
         # file URIs in listing order; ray_storage says whether Ray resolves them or needs the filesystem

@@ -33,10 +33,9 @@ from torch import Tensor, nn
 
 from tnlbt import losses as L
 from tnlbt.config import Config
+from tnlbt.models.recipe_encoder import COMPONENTS
 from tnlbt.train.feature_cache import grad_cache_backward
 from tnlbt.train.precision import maybe_autocast
-
-COMPONENTS = ("title", "ingredients", "instructions")
 
 
 def build_optimizers(model: nn.Module, cfg: Config) -> dict[str, torch.optim.Optimizer]:
