@@ -69,3 +69,32 @@ def test_index_pool_flags_reach_index_run(monkeypatch, tmp_path):
         build_parser().parse_args(["index", "--run", "r", "--device", "tpu"])
     with pytest.raises(ValueError, match="choose auto, cpu or cuda"):
         embed.embed_for_index(tmp_path, tmp_path, device="tpu")
+
+
+def test_a_full_disk_is_one_line_and_its_own_exit_code(monkeypatch, capsys):
+    """ENOSPC anywhere under a command (also wrapped, as a Ray worker's failure arrives) -> one line, exit 28."""
+    import errno
+
+    import tnlbt.cli as cli
+
+    def full(_args):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
+        except OSError as e:
+            raise RuntimeError("worker 0 failed") from e
+
+    monkeypatch.setattr(cli, "cli_config", full)
+    assert main(["config", "--config", "tiny_test"]) == cli.EXIT_NO_SPACE == 28
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "out of disk space writing /runs/x/metrics.jsonl" in err[0] and "Traceback" not in err[0]
+    def raising(text: str):
+        def fn(_args):
+            raise RuntimeError(text)
+
+        return fn
+
+    monkeypatch.setattr(cli, "cli_config", raising("RayTaskError: ... OSError: [Errno 28] No space left on device"))
+    assert main(["config", "--config", "tiny_test"]) == 28
+    monkeypatch.setattr(cli, "cli_config", raising("something else"))
+    with pytest.raises(RuntimeError, match="something else"):  # other failures keep their traceback
+        main(["config", "--config", "tiny_test"])

@@ -242,3 +242,35 @@ def test_a_killed_checkpoint_write_is_cleaned_by_the_next_save(tmp_path: Path) -
     os.replace(last, ckpts / ".last.old-dead0003")
     clean_stale(last)
     assert sorted(p.name for p in ckpts.iterdir()) == ["last"] and is_complete(last)
+
+
+def test_metrics_log_keeps_whole_lines_when_the_disk_fills(tmp_path: Path, monkeypatch) -> None:
+    """A write cut short by a full disk leaves no half record (the next append would glue it to a whole one),
+    and a tail left by a killed process is cut before the next append."""
+    import errno
+
+    from tnlbt.train import run_files
+
+    w = run_files.MetricsWriter(tmp_path, enabled=True)
+    w.write({"kind": "train", "step": 1})
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_files.os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        w.write({"kind": "train", "step": 2})
+    monkeypatch.setattr(run_files.os, "write", real_write)
+    w.write({"kind": "train", "step": 3})
+    w.close()
+    path = tmp_path / "metrics.jsonl"
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 3]
+
+    with path.open("a") as f:
+        f.write('{"kind": "train", "st')  # killed mid-line
+    w = run_files.MetricsWriter(tmp_path, enabled=True)
+    w.write({"kind": "val", "step": 4})
+    w.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 3, 4]

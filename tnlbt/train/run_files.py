@@ -4,6 +4,7 @@ and :class:`RunFiles` (a local run directory, or a remote one staged locally and
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,34 @@ from tnlbt.train import checkpoint as ckpt_mod
 log = logging.getLogger(__name__)
 
 
+def _append_line(path: Path, line: bytes) -> None:
+    """Append one whole line or nothing: a write cut short (a full disk) is truncated away and re-raised, so
+    the log never holds half a record that the next append would glue to a whole one (two records lost)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"short write to {path} ({written} of {len(line)} bytes)")
+        except OSError:
+            os.ftruncate(fd, start)  # shrinking needs no space
+            raise
+    finally:
+        os.close(fd)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """A process killed mid-append can still leave a tail without its newline: cut it before appending."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            log.warning("%s: dropped an incomplete last line left by an interrupted write", path)
+
+
 class MetricsWriter:
     """Rank-0 sink: ``metrics.jsonl`` (append) and TensorBoard events under ``RUN/tb``.
 
@@ -31,6 +60,7 @@ class MetricsWriter:
         self._path = run_dir / "metrics.jsonl" if run_dir is not None else None
         if self.enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            _drop_partial_line(self._path)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -41,8 +71,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self._path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        _append_line(self._path, (json.dumps(record, default=float) + "\n").encode())
         if self._tb is not None:
             step = int(record.get("step", 0))
             for k, v in record.items():
