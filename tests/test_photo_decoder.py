@@ -89,22 +89,26 @@ def test_query_decode_is_upright_and_on_white():
 
 
 def test_header_check_and_decoded_pixel_budget():
+    from dataclasses import replace
+
     from tnlbt.data.images import PhotoError
-    from tnlbt.inference import QUERY_FORMATS, check_image, decode_image
+    from tnlbt.inference import QUERY_FORMATS, QUERY_LIMITS, check_image, decode_image
+
+    small = replace(QUERY_LIMITS, max_decoded_pixels=1_000_000)
 
     big_jpeg = io.BytesIO()
     Image.new("RGB", (4000, 3000), (90, 120, 30)).save(big_jpeg, format="JPEG", quality=60)
-    fmt, size = check_image(big_jpeg.getvalue(), max_decoded_pixels=1_000_000)
+    fmt, size = check_image(big_jpeg.getvalue(), small)
     assert fmt == "JPEG" and size[0] * size[1] <= 1_000_000  # drafted: 1/8 scale, 500x375
     img = decode_image(big_jpeg.getvalue())
     assert min(img.size) >= 256 and img.size[0] * img.size[1] < 1_000_000
     png = io.BytesIO()
     Image.new("RGB", (1200, 1000)).save(png, format="PNG")
     with pytest.raises(PhotoError) as e:
-        check_image(png.getvalue(), max_decoded_pixels=1_000_000)
+        check_image(png.getvalue(), small)
     assert e.value.reason == "too_large" and "1200x1000" in str(e.value)
     with pytest.raises(PhotoError) as e:
-        decode_image(png.getvalue(), max_decoded_pixels=1_000_000)
+        decode_image(png.getvalue(), small)
     assert e.value.reason == "too_large"
     tiff = io.BytesIO()
     Image.new("RGB", (8, 8)).save(tiff, format="TIFF")

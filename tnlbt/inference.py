@@ -15,6 +15,7 @@ the way the indexed vectors were. No Ray here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tnlbt.data.images import PhotoLimits, decode_photo, open_photo
 from tnlbt.runs import resolve_checkpoint
 
 MAX_IMAGE_PIXELS = 40_000_000  # what a photo's header may claim (uploads and stored photos)
@@ -34,6 +36,8 @@ QUERY_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP"})
 # Query photos are drafted to this shorter side, the size training photos are stored at
 # (DataConfig.image_short_side): the model never saw more resolution than that.
 PHOTO_SHORT_SIDE = 256
+QUERY_LIMITS = PhotoLimits(max_pixels=MAX_IMAGE_PIXELS, max_decoded_pixels=MAX_DECODED_PIXELS,
+                           short_side=PHOTO_SHORT_SIDE, formats=QUERY_FORMATS)
 _BULLETS = " -*\t"  # what people put in front of list items
 
 
@@ -89,37 +93,19 @@ class RecipeText:
         )
 
 
-def check_image(
-    data: bytes,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-    *,
-    max_decoded_pixels: int = MAX_DECODED_PIXELS,
-    short_side: int = PHOTO_SHORT_SIDE,
-) -> tuple[str, tuple[int, int]]:
+def check_image(data: bytes, limits: PhotoLimits = QUERY_LIMITS) -> tuple[str, tuple[int, int]]:
     """The cheap check: ``(format, (width, height))`` from the header, no pixel decoded; raises
     :class:`~tnlbt.data.images.PhotoError` (a ``ValueError``) exactly when :func:`decode_image` would refuse
     the header: not an image, a format outside :data:`QUERY_FORMATS`, or over a pixel limit (``too_large``)."""
-    from tnlbt.data.images import open_photo
-
-    with open_photo(data, max_pixels=max_pixels, max_decoded_pixels=max_decoded_pixels, short_side=short_side,
-                    formats=QUERY_FORMATS) as im:
+    with open_photo(data, limits) as im:
         return str(im.format), im.size
 
 
-def decode_image(
-    data: bytes,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-    *,
-    max_decoded_pixels: int = MAX_DECODED_PIXELS,
-    short_side: int = PHOTO_SHORT_SIDE,
-) -> Any:
+def decode_image(data: bytes, limits: PhotoLimits = QUERY_LIMITS) -> Any:
     """Photo bytes -> RGB PIL image, by the decoder training photos go through (EXIF rotation, alpha on white);
     :class:`~tnlbt.data.images.PhotoError` (a ``ValueError``) for anything that is not a decodable photo within
-    the limits (see :func:`check_image`)."""
-    from tnlbt.data.images import decode_photo
-
-    return decode_photo(data, max_pixels=max_pixels, max_decoded_pixels=max_decoded_pixels, short_side=short_side,
-                        formats=QUERY_FORMATS)
+    ``limits`` (see :func:`check_image`)."""
+    return decode_photo(data, limits)
 
 
 class Encoder:
@@ -143,6 +129,7 @@ class Encoder:
         self.vocab = Vocab.load(str(self.checkpoint_dir / "vocab.json"))
         self.transform = self.model.image_transform(train=False)
         self.photo_short_side = int(self.cfg.data.image_short_side)  # the size its training photos were stored at
+        self.photo_limits = dataclasses.replace(QUERY_LIMITS, short_side=self.photo_short_side)
         self.dim = int(self.cfg.model.embed_dim)
 
     def _rows_from_texts(self, texts: Sequence[RecipeText]) -> list[dict[str, Any]]:
@@ -184,7 +171,7 @@ class Encoder:
         """Photo bytes -> the model's input tensor (3, S, S): :func:`decode_image` drafted to the size this
         model's training photos were stored at, then the eval transform. The decoded image is dropped here, so
         only the small tensor outlives the call."""
-        return self.transform(decode_image(data, short_side=self.photo_short_side))
+        return self.transform(decode_image(data, self.photo_limits))
 
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
         """PIL images (RGB) -> (B, D)."""

@@ -19,7 +19,6 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,9 +55,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        # No copy of an RGBA image, and the background freed before the RGB copy: a 16-MP photo costs 3 full
+        # RGBA planes at the peak, not 5 (the query path's memory bound counts on it).
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        out = Image.alpha_composite(background, rgba)
+        del background
+        return out.convert("RGB")
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = float(arr.max()) if arr.size else 0.0
@@ -98,7 +101,7 @@ def _draft_jpeg(img: Image.Image, short_side: int) -> None:
 def _load_rgb(img: Image.Image) -> Image.Image:
     """Decode the pixels of an opened photo, rotate it upright by its EXIF orientation, and make it RGB."""
     img.load()
-    img = ImageOps.exif_transpose(img) or img
+    ImageOps.exif_transpose(img, in_place=True)  # in place: an upright photo is not copied for nothing
     return _to_rgb(img)
 
 
@@ -222,21 +225,25 @@ class PhotoError(ValueError):
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
-def open_photo(
-    data: bytes,
-    *,
-    max_pixels: int = 64_000_000,
-    max_decoded_pixels: int | None = None,
-    short_side: int | None = None,
-    formats: Collection[str] | None = None,
-) -> Image.Image:
-    """Parse a photo's header, without decoding a pixel: format, size, and the JPEG draft scale for
-    ``short_side``. Raises :class:`PhotoError` for data that is not an image, a format outside ``formats``, a
-    header over ``max_pixels``, or (after drafting) more than ``max_decoded_pixels`` to decode.
+@dataclass(frozen=True)
+class PhotoLimits:
+    """What decoding one photo may cost. ``max_pixels`` bounds what a header may claim; ``max_decoded_pixels``
+    what a decode materialises (a big JPEG decodes at 1/2..1/8 scale, every other format at full size);
+    ``short_side`` is the draft target for big JPEGs; ``formats`` the PIL formats accepted (None: any)."""
 
-    ``max_pixels`` bounds what a header may claim; ``max_decoded_pixels`` what :func:`decode_photo` will
-    materialise: a big JPEG decodes at 1/2..1/8 scale, every other format at full size.
-    """
+    max_pixels: int = 64_000_000
+    max_decoded_pixels: int | None = None
+    short_side: int | None = None
+    formats: frozenset[str] | None = None
+
+
+ANY_PHOTO = PhotoLimits()  # training's limits: any PIL format, the decompression-bomb limit only
+
+
+def open_photo(data: bytes, limits: PhotoLimits = ANY_PHOTO) -> Image.Image:
+    """Parse a photo's header, without decoding a pixel: format, size, and the JPEG draft scale for
+    ``limits.short_side``. Raises :class:`PhotoError` for data that is not an image, a format outside
+    ``limits.formats``, or a photo over a pixel limit (``too_large``)."""
     if not data:
         raise PhotoError("empty_file")
     try:
@@ -251,34 +258,27 @@ def open_photo(
     except _DECODER_ERRORS as e:
         raise PhotoError(_failure_reason(e), str(e)[:200]) from None
     w, h = img.size
-    if formats is not None and img.format not in formats:
-        raise PhotoError("unsupported_format", f"{img.format} (accepted: {', '.join(sorted(formats))})")
+    if limits.formats is not None and img.format not in limits.formats:
+        raise PhotoError("unsupported_format", f"{img.format} (accepted: {', '.join(sorted(limits.formats))})")
     if w <= 0 or h <= 0:
         raise PhotoError("corrupt", "zero size")
-    if w * h > max_pixels:
-        raise PhotoError("too_large", f"{w}x{h} pixels (limit {max_pixels})")
-    if short_side:
-        _draft_jpeg(img, short_side)
+    if w * h > limits.max_pixels:
+        raise PhotoError("too_large", f"{w}x{h} pixels (limit {limits.max_pixels})")
+    if limits.short_side:
+        _draft_jpeg(img, limits.short_side)
     dw, dh = img.size
-    if max_decoded_pixels is not None and dw * dh > max_decoded_pixels:
-        raise PhotoError("too_large", f"{img.format} {w}x{h} decodes to {dw * dh} pixels (limit {max_decoded_pixels})")
+    if limits.max_decoded_pixels is not None and dw * dh > limits.max_decoded_pixels:
+        raise PhotoError("too_large", f"{img.format} {w}x{h} decodes to {dw * dh} pixels "
+                                      f"(limit {limits.max_decoded_pixels})")
     return img
 
 
-def decode_photo(
-    data: bytes,
-    *,
-    max_pixels: int = 64_000_000,
-    max_decoded_pixels: int | None = None,
-    short_side: int | None = None,
-    formats: Collection[str] | None = None,
-) -> Image.Image:
+def decode_photo(data: bytes, limits: PhotoLimits = ANY_PHOTO) -> Image.Image:
     """Photo bytes -> RGB PIL image, the way preprocessing decodes training photos: EXIF rotation, alpha
-    composited on white, 16-bit grey scaled; a big JPEG decoded at the draft scale for ``short_side``.
+    composited on white, 16-bit grey scaled; a big JPEG decoded at the draft scale for ``limits.short_side``.
     The one decoder of training (:func:`decode_rgb`), indexing and queries (:func:`tnlbt.inference.decode_image`).
     Limits as :func:`open_photo`; any failure is a :class:`PhotoError`."""
-    img = open_photo(data, max_pixels=max_pixels, max_decoded_pixels=max_decoded_pixels, short_side=short_side,
-                     formats=formats)
+    img = open_photo(data, limits)
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey (as decode_image)
     try:
         with warnings.catch_warnings():
