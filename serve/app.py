@@ -48,14 +48,25 @@ def _serve_config(args: dict[str, Any] | ServeConfig) -> ServeConfig:
     return cfg
 
 
-def _actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
-    """``ray_actor_options`` with the driver's storage environment forwarded (nothing extra when unset)."""
+# For the replicas that decode photos: glibc serves allocations above this from mmap, so a decoded photo's memory
+# (PIL allocates it in 16 MiB blocks) goes back to the OS when freed. Without it glibc's dynamic threshold keeps
+# such blocks on the heap after the first big free, and a burst leaves the replica that much bigger for good
+# (bench/serve_memory.py: 124 MB still resident after a burst, 2 MB with it). Read at process start, so set
+# through runtime_env, which starts the replica's worker process with it.
+DECODER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(8 * 1024 * 1024)}
+
+
+def _actor_options(num_cpus: float, num_gpus: float = 0.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``ray_actor_options`` with the driver's storage environment forwarded (nothing extra when unset) and
+    ``env`` added to the replica's environment."""
     from tnlbt import storage
 
     opts: dict[str, Any] = {"num_cpus": num_cpus}
     if num_gpus > 0:
         opts["num_gpus"] = num_gpus
     renv = storage.ray_runtime_env()
+    if env:
+        renv = {**renv, "env_vars": {**renv.get("env_vars", {}), **env}}
     if renv:
         opts["runtime_env"] = renv
     return opts
@@ -78,12 +89,12 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
     def auto(target: int) -> dict[str, Any]:
         return {"min_replicas": 1, "max_replicas": cfg.max_replicas, "target_ongoing_requests": target}
 
-    def encoder(cls: Any, batch: int) -> Any:
+    def encoder(cls: Any, batch: int, env: dict[str, str] | None = None, **extra: Any) -> Any:
         return cls.options(
-            ray_actor_options=_actor_options(cpus, cfg.gpus),
+            ray_actor_options=_actor_options(cpus, cfg.gpus, env),
             autoscaling_config=auto(max(2, batch // 2)),
             max_ongoing_requests=max(2 * batch, 8),  # >= batch size, or a batch never fills
-        ).bind(ckpt, max_batch_size=batch, num_threads=cfg.num_threads, device=device)
+        ).bind(ckpt, max_batch_size=batch, num_threads=cfg.num_threads, device=device, **extra)
 
     index = SearchIndex.options(
         # An embedded store (a folder) is locked by one process: exactly one replica. A server scales out.
@@ -95,7 +106,8 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
         autoscaling_config=auto(16),
     ).bind(
         encoder(TextEncoder, cfg.text_batch),
-        encoder(ImageEncoder, cfg.image_batch),
+        encoder(ImageEncoder, cfg.image_batch, DECODER_ENV, decode_slots=cfg.decode_slots,
+                decode_wait_s=cfg.decode_wait_s),
         index,
         max_upload_bytes=cfg.max_upload_bytes,
         request_timeout_s=cfg.request_timeout_s,
@@ -207,7 +219,7 @@ def build_ui_app(args: dict[str, Any] | ServeConfig) -> Any:
     card = portable_files(load_model_card(cfg.run))
     cpus = cfg.cpus or default_replica_cpus()
     return GradioUI.options(ray_actor_options=_actor_options(min(cpus, 0.5))).bind(
-        api_app=cfg.api_app, model_card=card, examples=examples
+        api_app=cfg.api_app, model_card=card, examples=examples, max_upload_bytes=cfg.max_upload_bytes
     )
 
 
@@ -276,9 +288,18 @@ def stop_on_signals() -> threading.Event:
 
 
 def patient_serve_env() -> None:
-    """Serve's proxy readiness check (5 s) is too short for a loaded laptop; raise it before ``ray.init``."""
+    """Environment Serve's proxy reads when it starts, so set before ``ray.init`` (a cluster started with
+    ``ray start`` needs the same variables in ``ray start``'s environment):
+
+    * the proxy readiness check (5 s) is too short for a loaded laptop: 60 s;
+    * ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``: the proxy answers 503 + Retry-After, not an empty 500,
+      when a replica dies under a request (:class:`tnlbt.serve.guards.NoResponseIs503`).
+    """
+    from tnlbt.serve.guards import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
 
 
 def serve_until_interrupted(

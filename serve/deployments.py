@@ -15,6 +15,11 @@ Topology (``serve/app.py`` binds it)::
                                              ├─▶ ImageEncoder  (@serve.batch, autoscaled)
                                              └─▶ SearchIndex   (1 replica with an embedded store)
     HTTP ─▶ GradioUI (1 replica: Gradio's queue is per process) ─▶ SearchAPI's search methods (same code path)
+
+Photos cross Ray as the uploaded bytes: the ingress reads only the header (format and size: 413 / 415 come
+from the API), the ImageEncoder replica decodes next to the model, a bounded number at a time
+(:class:`tnlbt.serve.guards.DecodePool`). Every request body is counted as it arrives
+(:class:`tnlbt.serve.guards.BodyLimit`); limits are in ``serve/schemas.py`` and the README's error table.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import io
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from tnlbt.serve import schemas as S
+from tnlbt.serve.guards import RETRY_AFTER_S, BodyLimit, DecodePool, ReplicaBusy, install_error_handlers
 
 # Module level (not inside the app builder): FastAPI resolves the string annotations of the route functions
 # (``from __future__ import annotations``) in this module's globals.
@@ -38,11 +45,10 @@ from tnlbt.config import MAX_UPLOAD_BYTES
 
 log = logging.getLogger("ray.serve")
 
-# Exceptions meaning "the store / index is not there right now": 503 + Retry-After, never 500.
-RETRY_AFTER_S = 5
-
 
 def _unavailable_types() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "not there right now" (store, index, a replica, a full decoder): 503 + Retry-After,
+    never 500."""
     import ray.exceptions as rex
 
     from tnlbt.index.store import IndexNotFound, StoreUnavailable
@@ -55,7 +61,7 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
         extra += (BackPressureError, DeploymentUnavailableError)
     except ImportError:  # pragma: no cover - older Serve
         pass
-    return (StoreUnavailable, IndexNotFound, *extra)
+    return (StoreUnavailable, IndexNotFound, ReplicaBusy, *extra)
 
 
 def _setup_encoder(replica: Any, checkpoint_dir: str, max_batch_size: int, batch_wait_timeout_s: float,
@@ -104,7 +110,11 @@ class TextEncoder:
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
 )
 class ImageEncoder:
-    """Decoded RGB photo (PIL) -> embedding, batched (``checkpoint_dir`` as for :class:`TextEncoder`)."""
+    """Photo bytes -> embedding (``checkpoint_dir`` as for :class:`TextEncoder`).
+
+    :meth:`encode_photo` decodes here, next to the model, at most ``decode_slots`` photos at once (a request
+    waits ``decode_wait_s`` for a slot, then gets :class:`~tnlbt.serve.guards.ReplicaBusy`: 503); only the
+    small model input tensor outlives the decode, and :meth:`encode` batches those."""
 
     def __init__(
         self,
@@ -113,12 +123,19 @@ class ImageEncoder:
         batch_wait_timeout_s: float = 0.01,
         num_threads: int = 0,
         device: str = "cpu",
+        decode_slots: int = 2,
+        decode_wait_s: float = 2.0,
     ) -> None:
         _setup_encoder(self, checkpoint_dir, max_batch_size, batch_wait_timeout_s, num_threads, device)
+        self.decoder = DecodePool(decode_slots, decode_wait_s)
+
+    async def encode_photo(self, data: bytes) -> list[float]:
+        x = await self.decoder.run(self.enc.photo_tensor, data)
+        return await self.encode(x)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def encode(self, images: list[Any]) -> list[list[float]]:
-        vecs = self.enc.encode_images(images)
+    async def encode(self, tensors: list[Any]) -> list[list[float]]:
+        vecs = self.enc.encode_tensors(tensors)
         return [v.tolist() for v in vecs]
 
     def dim(self) -> int:
@@ -198,14 +215,10 @@ def _sniff_media_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
-@serve.deployment(
-    max_ongoing_requests=64,
-    ray_actor_options={"num_cpus": 0.5},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
-)
-@serve.ingress()
-class SearchAPI:
-    """FastAPI ingress: request validation, limits, timeouts, error mapping; the work is in the handles."""
+class SearchService:
+    """The API's plain methods over the three handles: validation, limits, timeouts, error mapping. The HTTP
+    routes (:func:`build_api_app`) and the UI (through a handle to :class:`SearchAPI`) both call these, so both
+    get the same checks; tests build it over stand-in handles, without Ray."""
 
     def __init__(
         self,
@@ -221,6 +234,9 @@ class SearchAPI:
         self.timeout_s = float(request_timeout_s)
         self.image_url_prefix = image_url_prefix
         self._unavailable = _unavailable_types()
+        from tnlbt.data.images import PhotoError
+
+        self._photo_error = PhotoError
 
     # -- plain methods: the HTTP routes and the UI both call these -------------------------------------------
     async def _await(self, resp: Any) -> Any:
@@ -237,37 +253,48 @@ class SearchAPI:
         except self._unavailable as e:
             raise HTTPException(
                 503,
-                f"search backend unavailable: {_first_line(e)}",
+                f"search backend unavailable: {_reason(e)}",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from e
+        except self._photo_error as e:  # the encoder replica refused the photo while decoding it
+            raise _photo_http_error(e) from e
         except ValueError as e:
             raise HTTPException(422, _first_line(e)) from e
 
     async def embed_text(self, query: dict[str, Any]) -> list[float]:
+        return await self._embed_query(_valid(S.RecipeQuery, query))
+
+    async def _embed_query(self, q: S.RecipeQuery) -> list[float]:
         from tnlbt.inference import RecipeText
 
-        return await self._await(self.text_encoder.encode.remote(RecipeText.from_query(query).as_dict()))
+        text = RecipeText.from_query(q.model_dump(include={"text", "title", "ingredients", "instructions"}))
+        return await self._await(self.text_encoder.encode.remote(text.as_dict()))
 
     async def embed_image(self, data: bytes) -> list[float]:
-        from tnlbt.inference import decode_image
+        from tnlbt.inference import check_image
 
+        if len(data) > self.max_upload_bytes:  # the UI's path has no multipart limit in front of it
+            raise HTTPException(413, f"upload larger than {self.max_upload_bytes} bytes")
         try:
-            img = await asyncio.to_thread(decode_image, data)
-        except ValueError as e:
-            raise HTTPException(415, f"unsupported or corrupt image: {_first_line(e)}") from e
-        return await self._await(self.image_encoder.encode.remote(img))
+            check_image(data)  # the header only: format and size, so 413 / 415 come from here, before any decode
+        except self._photo_error as e:
+            raise _photo_http_error(e) from e
+        # The bytes cross Ray (a 2.6 MB JPEG, not its 36 MB of pixels); the encoder replica decodes them.
+        return await self._await(self.image_encoder.encode_photo.remote(data))
 
     async def search_text_hits(
         self, query: dict[str, Any], k: int = 10, filter: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        vec = await self.embed_text(query)
-        return await self._await(self.index.search_photos.remote(vec, k, filter))
+        req = _valid(S.TextSearchRequest, {**query, "k": k, "filter": filter})
+        vec = await self._embed_query(req)
+        return await self._await(self.index.search_photos.remote(vec, req.k, _filter(req)))
 
     async def search_image_hits(
         self, data: bytes, k: int = 10, filter: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
+        req = _valid(S.ImageSearchParams, {"k": k, "filter": filter})
         vec = await self.embed_image(data)
-        return await self._await(self.index.search_recipes.remote(vec, k, filter))
+        return await self._await(self.index.search_recipes.remote(vec, req.k, _filter(req)))
 
     async def image_bytes(self, image_id: str) -> bytes | None:
         return await self._await(self.index.get_image.remote(image_id))
@@ -278,18 +305,58 @@ class SearchAPI:
         await self._await(self.image_encoder.dim.remote())
         return counts
 
-    # -- HTTP --------------------------------------------------------------------------------------------
+
+@serve.deployment(
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.5},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+)
+@serve.ingress()
+class SearchAPI(SearchService):
+    """FastAPI ingress over :class:`SearchService` (the app is built per replica)."""
+
     def __serve_build_asgi_app__(self) -> Any:
         return build_api_app(self)
 
 
+def _valid(model: Any, data: Any) -> Any:
+    """``data`` validated by one of the routes' own request models (422 with their message): the plain methods
+    are an entry point too (the UI calls them through a handle), so they check what the routes check."""
+    try:
+        return S.validated(model, data)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from e
+
+
+def _filter(req: Any) -> dict[str, Any] | None:
+    return (req.filter.as_dict() or None) if req.filter else None
+
+
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    # RayTaskError strings start with a traceback header; the cause's message is the last line.
+    s = str(getattr(e, "cause", None) or e).strip().splitlines()
+    # A RayTaskError's own string is a traceback; its cause's message (or the last line) is what to show.
     return (s[-1] if s else type(e).__name__)[:300]
 
 
-async def _read_upload(api: SearchAPI, file: Any) -> bytes:
+def _reason(e: BaseException) -> str:
+    """Why a backend is unavailable, in words for a client: our own errors say it; Ray's name actor ids,
+    nodes and addresses, which are nobody's business outside."""
+    from tnlbt.index.store import IndexNotFound, StoreUnavailable
+
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, StoreUnavailable | IndexNotFound | ReplicaBusy):
+        return _first_line(cause)
+    return "a backend replica is not available"
+
+
+def _photo_http_error(e: Any) -> HTTPException:
+    """A refused photo: too many pixels is 413 (too large, like an oversized upload), anything else 415."""
+    if e.reason == "too_large":
+        return HTTPException(413, f"image too large: {e.detail}")
+    return HTTPException(415, f"unsupported or corrupt image: {_first_line(e)}")
+
+
+async def _read_upload(api: SearchService, file: Any) -> bytes:
     data = await file.read(api.max_upload_bytes + 1)
     if len(data) > api.max_upload_bytes:
         raise HTTPException(413, f"upload larger than {api.max_upload_bytes} bytes")
@@ -298,7 +365,7 @@ async def _read_upload(api: SearchAPI, file: Any) -> bytes:
     return data
 
 
-def build_api_app(api: SearchAPI) -> Any:
+def build_api_app(api: SearchService) -> Any:
     """The FastAPI app of one API replica (routes close over ``api``)."""
     from tnlbt.index.search import ImageSource
 
@@ -307,28 +374,23 @@ def build_api_app(api: SearchAPI) -> Any:
         version="1",
         description="Cross-modal recipe retrieval (TNLBT): recipe text -> dish photos, photo -> recipes.",
     )
-    upload_paths = {"/v1/search/image", "/v1/embed/image"}
+    # Every body is counted as it arrives, whatever its framing: uploads up to the upload limit (plus the
+    # multipart framing), everything else up to the JSON limit. Outermost, so nothing reads past it.
+    upload = api.max_upload_bytes + S.MULTIPART_OVERHEAD
+    app.add_middleware(BodyLimit, rules=[("/v1/search/image", upload), ("/v1/embed/image", upload)],
+                       default=S.MAX_JSON_BYTES)
+    install_error_handlers(app)
+    # Load balancers probe with HEAD as often as with GET.
+    ops = {"methods": ["GET", "HEAD"], "tags": ["ops"]}
 
-    @app.middleware("http")
-    async def _limit_upload(request: Request, call_next: Any) -> Any:
-        # Reject big uploads from the header, before the multipart body is read and spooled.
-        if request.url.path.rstrip("/").endswith(tuple(upload_paths)):
-            try:
-                n = int(request.headers.get("content-length") or 0)
-            except ValueError:
-                n = 0
-            if n > api.max_upload_bytes + 64 * 1024:  # multipart framing overhead
-                return JSONResponse({"detail": f"upload larger than {api.max_upload_bytes} bytes"}, 413)
-        return await call_next(request)
-
-    @app.get("/healthz", response_model=S.Health, tags=["ops"])
+    @app.api_route("/healthz", response_model=S.Health, **ops)
     async def healthz() -> S.Health:
         return S.Health()
 
-    @app.get(
+    @app.api_route(
         "/readyz",
+        **ops,
         response_model=S.Ready,
-        tags=["ops"],
         responses={503: {"model": S.ErrorBody, "description": "index or models not loaded"}},
     )
     async def readyz() -> S.Ready:
@@ -340,7 +402,8 @@ def build_api_app(api: SearchAPI) -> Any:
         response_model=S.PhotoSearchResponse,
         tags=["search"],
         responses={
-            422: {"description": "empty/oversized text, k outside 1..100"},
+            413: {"model": S.ErrorBody, "description": f"body over {S.MAX_JSON_BYTES} bytes"},
+            422: {"model": S.ErrorBody, "description": "empty/oversized text, k outside 1..100"},
             503: {"model": S.ErrorBody},
             504: {"model": S.ErrorBody},
         },
@@ -378,7 +441,12 @@ def build_api_app(api: SearchAPI) -> Any:
         hits = await api.search_image_hits(data, k, {"split": split} if split else None)
         return S.RecipeSearchResponse(hits=hits, took_ms=round((time.perf_counter() - t) * 1e3, 2))
 
-    @app.post("/v1/embed/text", response_model=S.EmbedResponse, tags=["embed"])
+    @app.post(
+        "/v1/embed/text",
+        response_model=S.EmbedResponse,
+        tags=["embed"],
+        responses={413: {"model": S.ErrorBody}, 422: {"model": S.ErrorBody}},
+    )
     async def embed_text(req: S.RecipeQuery) -> S.EmbedResponse:
         vec = await api.embed_text(req.model_dump())
         return S.EmbedResponse(vector=vec, dim=len(vec))
@@ -387,7 +455,7 @@ def build_api_app(api: SearchAPI) -> Any:
         "/v1/embed/image",
         response_model=S.EmbedResponse,
         tags=["embed"],
-        responses={413: {"model": S.ErrorBody}, 415: {"model": S.ErrorBody}},
+        responses={413: {"model": S.ErrorBody}, 415: {"model": S.ErrorBody}, 503: {"model": S.ErrorBody}},
     )
     async def embed_image(file: UploadFile = File(...)) -> S.EmbedResponse:
         vec = await api.embed_image(await _read_upload(api, file))
@@ -436,61 +504,93 @@ class GradioUI:
         model_card: dict | None = None,
         examples: dict | None = None,
         api: DeploymentHandle | None = None,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
     ) -> None:
         self.api = api or serve.get_deployment_handle(api_deployment, app_name=api_app)
         self.model_card = local_files(model_card or {})
         self.examples = local_files(examples or {})
-
-    async def _gallery(self, hits: list[dict[str, Any]]) -> list[tuple[Any, str]]:
-        from PIL import Image
-
-        out = []
-        datas = await asyncio.gather(
-            *[self.api.image_bytes.remote(h["image_id"]) for h in hits], return_exceptions=True
-        )
-        for h, data in zip(hits, datas, strict=True):
-            if isinstance(data, bytes | bytearray):
-                img = Image.open(io.BytesIO(data)).convert("RGB")
-            else:
-                img = Image.new("RGB", (64, 64), (200, 200, 200))  # photo file missing: keep the hit visible
-            out.append((img, f"{h['title']}  ({h['score']:.3f})"))
-        return out
+        self.max_upload_bytes = int(max_upload_bytes)
 
     def __serve_build_asgi_app__(self) -> Any:
-        import gradio as gr
         from tnlbt.ui.app import build_demo
 
-        from tnlbt.inference import RecipeText
+        text_fn, image_fn = ui_fns(self.api)
+        demo = build_demo(text_fn, image_fn, self.examples, self.model_card, max_upload_bytes=self.max_upload_bytes)
+        return ui_app(demo, self.max_upload_bytes)
 
-        async def text_fn(title: str, ingredients: str, instructions: str, k: float) -> list:
-            query = RecipeText.from_boxes(title, ingredients, instructions)
-            if query.is_empty():
-                raise gr.Error("Type a title, ingredients or instructions first.")
-            try:
-                hits = await self.api.search_text_hits.remote(query.as_dict(), int(k))
-            except Exception as e:  # typed API errors arrive wrapped; show their message, not a traceback
-                raise gr.Error(_first_line(e)) from e
-            return await self._gallery(hits)
 
-        async def image_fn(image: Any, k: float) -> list[list[Any]]:
-            if image is None:
-                raise gr.Error("Upload a photo first.")
-            buf = io.BytesIO()
-            image.convert("RGB").save(buf, format="JPEG", quality=92)
-            try:
-                hits = await self.api.search_image_hits.remote(buf.getvalue(), int(k))
-            except Exception as e:
-                raise gr.Error(_first_line(e)) from e
-            return [[h["title"], ", ".join(h["ingredients"][:12]), round(h["score"], 4)] for h in hits]
+def ui_app(demo: Any, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """The UI replica's ASGI app: ``demo`` mounted at the root, its uploads limited to ``max_upload_bytes``
+    (Gradio's own ``max_file_size``, per file) and every body counted (:class:`~tnlbt.serve.guards.BodyLimit`:
+    the upload route up to the upload limit, the queue's JSON calls up to the JSON limit)."""
+    import gradio as gr
 
-        app = FastAPI()
+    app = FastAPI()
+    app.add_middleware(BodyLimit, rules=[("/gradio_api/upload", max_upload_bytes + S.MULTIPART_OVERHEAD)],
+                       default=S.MAX_JSON_BYTES)
 
-        @app.get("/healthz")
-        def healthz() -> dict:
-            return {"status": "ok"}
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    def healthz() -> dict:
+        return {"status": "ok"}
 
-        demo = build_demo(text_fn, image_fn, self.examples, self.model_card)
-        return gr.mount_gradio_app(app, demo, path="")
+    return gr.mount_gradio_app(app, demo, path="", max_file_size=max_upload_bytes)
+
+
+def ui_fns(api: Any) -> tuple[Any, Any]:
+    """The UI's two callables over a handle to the API deployment (anything with its methods' ``.remote``).
+
+    Queries go to the API's plain methods, which validate them exactly as its HTTP routes do (text limits, k);
+    a photo goes on as the uploaded file's bytes, never decoded here.
+    """
+    import gradio as gr
+
+    from tnlbt.inference import RecipeText
+
+    async def text_fn(title: str, ingredients: str, instructions: str, k: float) -> list:
+        query = RecipeText.from_boxes(title, ingredients, instructions)
+        if query.is_empty():
+            raise gr.Error("Type a title, ingredients or instructions first.")
+        try:
+            hits = await api.search_text_hits.remote(query.as_dict(), k)
+        except Exception as e:  # typed API errors arrive wrapped; show their message, not a traceback
+            raise gr.Error(_user_message(e)) from e
+        return await _gallery(api, hits)
+
+    async def image_fn(path: str | None, k: float) -> list[list[Any]]:
+        if not path:
+            raise gr.Error("Upload a photo first.")
+        # Bounded: the upload route refuses files over the limit, and the input checked the header.
+        data = await asyncio.to_thread(Path(path).read_bytes)
+        try:
+            hits = await api.search_image_hits.remote(data, k)
+        except Exception as e:
+            raise gr.Error(_user_message(e)) from e
+        return [[h["title"], ", ".join(h["ingredients"][:12]), round(h["score"], 4)] for h in hits]
+
+    return text_fn, image_fn
+
+
+def _user_message(e: BaseException) -> str:
+    """An API error as the UI shows it: the HTTP error's detail (what the API would have answered)."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, HTTPException):
+        return str(cause.detail)
+    log.warning("UI search failed: %s", _first_line(e))
+    return "Search failed; try again in a moment."
+
+
+async def _gallery(api: Any, hits: list[dict[str, Any]]) -> list[tuple[Any, str]]:
+    from PIL import Image
+
+    out = []
+    datas = await asyncio.gather(*[api.image_bytes.remote(h["image_id"]) for h in hits], return_exceptions=True)
+    for h, data in zip(hits, datas, strict=True):
+        if isinstance(data, bytes | bytearray):
+            img = Image.open(io.BytesIO(data)).convert("RGB")  # indexed photos: stored, small JPEGs
+        else:
+            img = Image.new("RGB", (64, 64), (200, 200, 200))  # photo file missing: keep the hit visible
+        out.append((img, f"{h['title']}  ({h['score']:.3f})"))
+    return out
 
 
 def local_files(d: dict[str, Any]) -> dict[str, Any]:

@@ -8,17 +8,43 @@ larger.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_K = 100
 MAX_FREE_TEXT = 2000
 MAX_TITLE = 300
 MAX_LINE = 500
 MAX_LINES = 50
+# Body limit of every non-upload request (API JSON routes, the UI's queue calls). The largest valid query is
+# ~52k characters (text + title + 2 x 50 lines of 500), at most 6 bytes each as JSON \uXXXX escapes: ~310 kB,
+# so 1 MiB never refuses a valid request and keeps a hostile one from costing more than that to read and parse.
+MAX_JSON_BYTES = 1024 * 1024
+# Multipart framing (boundaries, part headers, the k / split fields) allowed on top of the upload limit.
+MULTIPART_OVERHEAD = 64 * 1024
+# 422 bodies: at most this many errors, each message and location part cut to these lengths.
+MAX_ERRORS = 8
+MAX_ERROR_MSG = 200
+MAX_LOC_PART = 64
 
-Line = Field(max_length=MAX_LINE)
+
+
+def _unicode(s: str) -> str:
+    # pydantic refuses a lone surrogate ("\ud800") in a str field but lets it through inside a list[str]; it
+    # would then fail later, when the query is serialised for the encoder replica.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    return s
+
+
+# Every text field of a request is one of these.
+Text = Annotated[str, AfterValidator(_unicode)]
+Line = Annotated[str, Field(max_length=MAX_LINE), AfterValidator(_unicode)]
 
 
 class SearchFilter(BaseModel):
@@ -26,7 +52,7 @@ class SearchFilter(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     split: Literal["train", "val", "test"] | None = None
-    recipe_id: str | None = Field(default=None, max_length=128)
+    recipe_id: Text | None = Field(default=None, max_length=128)
 
     def as_dict(self) -> dict[str, str]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -49,17 +75,13 @@ class RecipeQuery(BaseModel):
             ]
         },
     )
-    text: str | None = Field(default=None, max_length=MAX_FREE_TEXT)
-    title: str = Field(default="", max_length=MAX_TITLE)
-    ingredients: list[str] = Field(default_factory=list, max_length=MAX_LINES)
-    instructions: list[str] = Field(default_factory=list, max_length=MAX_LINES)
+    text: Text | None = Field(default=None, max_length=MAX_FREE_TEXT)
+    title: Text = Field(default="", max_length=MAX_TITLE)
+    ingredients: list[Line] = Field(default_factory=list, max_length=MAX_LINES)
+    instructions: list[Line] = Field(default_factory=list, max_length=MAX_LINES)
 
     @model_validator(mode="after")
     def _not_empty(self) -> RecipeQuery:
-        for name in ("ingredients", "instructions"):
-            for line in getattr(self, name):
-                if len(line) > MAX_LINE:
-                    raise ValueError(f"{name}: a line is longer than {MAX_LINE} characters")
         has_text = bool(self.text and self.text.strip())
         has_parts = bool(
             self.title.strip()
@@ -72,6 +94,14 @@ class RecipeQuery(BaseModel):
 
 
 class TextSearchRequest(RecipeQuery):
+    k: int = Field(default=10, ge=1, le=MAX_K)
+    filter: SearchFilter | None = None
+
+
+class ImageSearchParams(BaseModel):
+    """The non-file fields of a photo search (the route takes them as form fields)."""
+
+    model_config = ConfigDict(extra="forbid")
     k: int = Field(default=10, ge=1, le=MAX_K)
     filter: SearchFilter | None = None
 
@@ -118,5 +148,68 @@ class Ready(BaseModel):
     photos: int
 
 
+class FieldError(BaseModel):
+    """One reason a request was refused: where (``["body", "ingredients", 3]``) and what."""
+
+    loc: list[str | int]
+    msg: str
+
+
 class ErrorBody(BaseModel):
+    """Every error response: ``detail`` says what is wrong in one line. A 422 from request validation adds
+    ``errors`` (at most :data:`MAX_ERRORS`, messages cut at :data:`MAX_ERROR_MSG` characters, and ``n_errors``
+    how many there were); it never echoes the rejected input."""
+
     detail: str
+    errors: list[FieldError] | None = None
+    n_errors: int | None = None
+
+
+_ADDRESS = re.compile(r"<[^<>]{0,120} at 0x[0-9a-fA-F]+>|0x[0-9a-fA-F]{6,}")
+
+
+def _clean(s: str, n: int) -> str:
+    """Printable, UTF-8-encodable (a lone surrogate becomes ``\\ud800``), no heap addresses, at most n chars."""
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    s = _ADDRESS.sub("<object>", s)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _error_item(e: Mapping[str, Any]) -> FieldError:
+    loc = [p if isinstance(p, int) else _clean(str(p), MAX_LOC_PART) for p in list(e.get("loc") or ())[:8]]
+    msg = str(e.get("msg") or "invalid")
+    msg = msg.removeprefix("Value error, ")  # a validator's own ValueError reads as its message
+    ctx = e.get("ctx") or {}
+    if e.get("type") == "json_invalid" and isinstance(ctx.get("error"), str):
+        msg = f"{msg}: {ctx['error']}"  # json's own message ("Expecting ',' delimiter"), never the document
+    return FieldError(loc=loc, msg=_clean(msg, MAX_ERROR_MSG))
+
+
+def _where(item: FieldError) -> str:
+    # "body" is every JSON error's first part: say "ingredients.3", not "body.ingredients.3"
+    parts = [str(p) for p in item.loc[1:]] if item.loc[:1] == ["body"] and len(item.loc) > 1 else map(str, item.loc)
+    return ".".join(parts) or "request"
+
+
+def validation_error_body(errors: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """pydantic / FastAPI error dicts -> an :class:`ErrorBody` as plain data. Reads ``type``, ``loc``, ``msg``
+    (and ``ctx`` of a JSON syntax error); never ``input``: the rejected payload stays out of the answer."""
+    items = [_error_item(e) for e in list(errors)[:MAX_ERRORS]]
+    head = "; ".join(f"{_where(i)}: {i.msg}" for i in items[:3]) or "invalid request"
+    more = len(errors) - min(3, len(items))
+    detail = _clean(head + (f" (and {more} more)" if more > 0 else ""), 3 * MAX_ERROR_MSG)
+    body = ErrorBody(detail=detail, errors=items, n_errors=len(errors))
+    return body.model_dump()
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], data: Mapping[str, Any]) -> M:
+    """``data`` as ``model`` (one of the request models above), or ``ValueError`` with the 422 ``detail`` of
+    :func:`validation_error_body`. The routes validate their bodies with the same models; the API's plain
+    methods, which the UI calls, validate with this: one set of rules for every entry point."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as e:
+        raise ValueError(validation_error_body(e.errors())["detail"]) from None

@@ -15,12 +15,14 @@ import pytest
 import requests
 import yaml
 from conftest import free_port
+from test_api_hostile import _encoded, _png_bomb
 from test_search import COLOURS, _jpeg, build_tiny_index, make_tiny_run
+from tnlbt.serve.app import patient_serve_env
 
-# Set at collection, before the session's ray.init: on a busy 2-core box the HTTP proxy can take longer than
-# Serve's 5 s readiness check to start, and Serve then kills and restarts it in a loop.
-os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+# Set at collection, before the session's ray.init (the proxy reads them when it starts): on a busy 2-core box the
+# HTTP proxy can take longer than Serve's 5 s readiness check to start, and Serve then kills and restarts it in a
+# loop; and the proxy middleware that answers 503 for a replica that died under a request.
+patient_serve_env()
 
 REPO = Path(__file__).resolve().parent.parent
 UPLOAD_LIMIT = 200_000
@@ -225,6 +227,65 @@ def test_bad_uploads(api):
     assert _post(base, "/v1/search/image", data={"k": "3"}).status_code == 422  # no file part
     assert _post(base, "/v1/search/image", files=_upload(ok), data={"k": "0"}).status_code == 422
     assert _post(base, "/v1/search/image", files=_upload(ok), data={"k": "101"}).status_code == 422
+
+
+def test_hostile_requests_through_the_proxy(api):
+    """The guards behind Serve's real proxy and replicas: bounded 422s, the JSON limit on a chunked body, HEAD
+    probes, a pixel bomb refused at the ingress, a big JPEG decoded (drafted) in the encoder replica, and the
+    UI's upload limit."""
+    from PIL import Image
+
+    base, _, _ = api
+    assert requests.head(base + "/healthz", timeout=30).status_code == 200
+    assert requests.head(base + "/readyz", timeout=30).status_code == 200
+    # NaN, and a lone surrogate inside a list (pydantic lets that one through; Ray's serialiser would not)
+    for body in ('{"title": "cake", "k": NaN}', '{"title": "cake", "ingredients": ["\\ud800"]}'):
+        r = _post(base, "/v1/search/text", data=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and isinstance(r.json()["detail"], str), (body, r.status_code, r.text[:200])
+
+    def chunked_json():  # 1.2 MiB, chunked: no Content-Length to refuse it by
+        yield b'{"title": "'
+        for _ in range(20):
+            yield b"a" * 65536
+        yield b'"}'
+
+    r = _post(base, "/v1/embed/text", data=chunked_json(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:200]
+    r = _post(base, "/v1/search/image", files=_upload(_png_bomb(6000, 6000), "bomb.png", "image/png"))
+    assert r.status_code == 413 and "36000000" in r.json()["detail"], r.text[:200]
+    photo = _encoded(Image.new("RGB", (2400, 1800), COLOURS[2]), "JPEG", quality=80)
+    assert len(photo) < UPLOAD_LIMIT
+    r = _post(base, "/v1/embed/image", files=_upload(photo))
+    assert r.status_code == 200 and r.json()["dim"] == 32, r.text[:200]
+    r = _post(base, "/ui/gradio_api/upload", files={"files": ("a.jpg", io.BytesIO(b"\xff" * (UPLOAD_LIMIT + 1000)))})
+    assert r.status_code == 413, r.text[:200]
+
+
+def test_a_replica_that_dies_under_a_request_is_503(api):
+    """Serve's proxy answers an empty 500 when the replica dies under the request; the proxy middleware
+    (``patient_serve_env``) makes it 503 with Retry-After."""
+    from ray import serve
+
+    base, _, _ = api
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=2, ray_actor_options={"num_cpus": 0})
+    class Doomed:
+        async def __call__(self, request) -> str:
+            if request.url.path.endswith("/die"):
+                os._exit(1)
+            return "alive"
+
+    serve.run(Doomed.bind(), name="doomed", route_prefix="/doomed", blocking=False)
+    try:
+        deadline = time.time() + 180
+        while requests.get(base + "/doomed/", timeout=30).status_code != 200:
+            assert time.time() < deadline, "doomed app never answered"
+            time.sleep(1)
+        r = requests.get(base + "/doomed/die", timeout=60)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0, (r.status_code, r.text[:200])
+        assert "retry" in r.json()["detail"]
+    finally:
+        serve.delete("doomed")
 
 
 def test_store_down_is_503_with_retry_after_then_recovers(api):

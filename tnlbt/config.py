@@ -456,15 +456,20 @@ class ServeConfig:
     text_batch: int = 16
     image_batch: int = 8
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    # Photo decodes at once per image encoder replica, and how long a request waits for one before its 503:
+    # worst-case decode memory per replica is decode_slots x ~0.25 GB (tnlbt.inference.MAX_DECODED_PIXELS).
+    decode_slots: int = 2
+    decode_wait_s: float = 2.0
     request_timeout_s: float = 20.0
     api_app: str = "api"  # the API application's name (the UI looks it up)
     examples: int = 4  # test-split examples shown in the UI
 
     def __post_init__(self) -> None:
         _check(self.cpus >= 0 and self.gpus >= 0, "serve.cpus", "cpus and gpus must be >= 0")
-        for name in ("max_replicas", "index_replicas", "text_batch", "image_batch", "max_upload_bytes"):
+        for name in ("max_replicas", "index_replicas", "text_batch", "image_batch", "max_upload_bytes", "decode_slots"):
             _check(getattr(self, name) >= 1, f"serve.{name}", "must be >= 1")
         _check(self.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0")
+        _check(self.decode_wait_s >= 0, "serve.decode_wait_s", "must be >= 0")
         _check(self.num_threads >= 0 and self.examples >= 0, "serve.num_threads", "num_threads, examples >= 0")
 
     @classmethod

@@ -2,7 +2,9 @@
 
 * :class:`RecipeText` -- a recipe as a person types it, and the one rule that turns text boxes into a title
   and ingredient lines (the API, the UI and ``tnlbt search`` all use it);
-* :func:`decode_image` -- upload bytes -> RGB PIL image, with the decompression-bomb limit;
+* :func:`check_image` / :func:`decode_image` -- upload bytes -> format and size from the header alone /
+  RGB PIL image, with the query limits (:data:`QUERY_FORMATS`, :data:`MAX_IMAGE_PIXELS`,
+  :data:`MAX_DECODED_PIXELS`), decoded by the training path's decoder (:func:`tnlbt.data.images.decode_photo`);
 * :class:`Encoder` -- a checkpoint loaded for inference: ``encode_texts`` / ``encode_rows`` / ``encode_images``
   (L2-normalised float32 ``(B, D)``).
 
@@ -13,7 +15,7 @@ the way the indexed vectors were. No Ray here.
 
 from __future__ import annotations
 
-import io
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,21 @@ from typing import Any
 
 import numpy as np
 
+from tnlbt.data.images import PhotoLimits, decode_photo, open_photo
 from tnlbt.runs import resolve_checkpoint
 
-MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard for uploads and stored photos
+MAX_IMAGE_PIXELS = 40_000_000  # what a photo's header may claim (uploads and stored photos)
+# What one decode may materialise. A JPEG decodes at a reduced DCT scale (a 36-MP phone photo as ~0.6 MP), so
+# this bounds PNG / WebP / GIF / BMP: 16 MP admits a 4608x3456 photo and costs at most ~0.25 GB (RGBA on white).
+MAX_DECODED_PIXELS = 16_000_000
+# Formats a query photo may have. PIL opens many more (TIFF, EPS, ICO, PSD, ...); each is a parser facing the
+# internet, and none is a photo format people upload. MPO is what PIL calls most phone cameras' JPEGs.
+QUERY_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP"})
+# Query photos are drafted to this shorter side, the size training photos are stored at
+# (DataConfig.image_short_side): the model never saw more resolution than that.
+PHOTO_SHORT_SIDE = 256
+QUERY_LIMITS = PhotoLimits(max_pixels=MAX_IMAGE_PIXELS, max_decoded_pixels=MAX_DECODED_PIXELS,
+                           short_side=PHOTO_SHORT_SIDE, formats=QUERY_FORMATS)
 _BULLETS = " -*\t"  # what people put in front of list items
 
 
@@ -79,19 +93,19 @@ class RecipeText:
         )
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
-    """JPEG/PNG/... bytes -> RGB PIL image; ``ValueError`` for anything that is not a decodable image."""
-    from PIL import Image, UnidentifiedImageError
+def check_image(data: bytes, limits: PhotoLimits = QUERY_LIMITS) -> tuple[str, tuple[int, int]]:
+    """The cheap check: ``(format, (width, height))`` from the header, no pixel decoded; raises
+    :class:`~tnlbt.data.images.PhotoError` (a ``ValueError``) exactly when :func:`decode_image` would refuse
+    the header: not an image, a format outside :data:`QUERY_FORMATS`, or over a pixel limit (``too_large``)."""
+    with open_photo(data, limits) as im:
+        return str(im.format), im.size
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ValueError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ValueError(f"not a decodable image: {e}") from e
+
+def decode_image(data: bytes, limits: PhotoLimits = QUERY_LIMITS) -> Any:
+    """Photo bytes -> RGB PIL image, by the decoder training photos go through (EXIF rotation, alpha on white);
+    :class:`~tnlbt.data.images.PhotoError` (a ``ValueError``) for anything that is not a decodable photo within
+    ``limits`` (see :func:`check_image`)."""
+    return decode_photo(data, limits)
 
 
 class Encoder:
@@ -114,6 +128,8 @@ class Encoder:
         self.model.to(self.device).eval()
         self.vocab = Vocab.load(str(self.checkpoint_dir / "vocab.json"))
         self.transform = self.model.image_transform(train=False)
+        self.photo_short_side = int(self.cfg.data.image_short_side)  # the size its training photos were stored at
+        self.photo_limits = dataclasses.replace(QUERY_LIMITS, short_side=self.photo_short_side)
         self.dim = int(self.cfg.model.embed_dim)
 
     def _rows_from_texts(self, texts: Sequence[RecipeText]) -> list[dict[str, Any]]:
@@ -151,13 +167,23 @@ class Encoder:
     def encode_texts(self, texts: Sequence[RecipeText]) -> np.ndarray:
         return self.encode_rows(self._rows_from_texts(texts))
 
+    def photo_tensor(self, data: bytes) -> Any:
+        """Photo bytes -> the model's input tensor (3, S, S): :func:`decode_image` drafted to the size this
+        model's training photos were stored at, then the eval transform. The decoded image is dropped here, so
+        only the small tensor outlives the call."""
+        return self.transform(decode_image(data, self.photo_limits))
+
     def encode_images(self, images: Sequence[Any]) -> np.ndarray:
         """PIL images (RGB) -> (B, D)."""
+        return self.encode_tensors([self.transform(im) for im in images])
+
+    def encode_tensors(self, tensors: Sequence[Any]) -> np.ndarray:
+        """Transformed photos (:meth:`photo_tensor`) -> (B, D)."""
         import torch
 
-        if not images:
+        if not tensors:
             return np.zeros((0, self.dim), np.float32)
-        x = torch.stack([self.transform(im) for im in images]).to(self.device)
+        x = torch.stack(list(tensors)).to(self.device)
         with torch.inference_mode():
             out = self.model.encode_image(x, normalize=True)
         return out.float().cpu().numpy()

@@ -8,12 +8,67 @@ tests and ``tnlbt search``-style local use pass callables built on :class:`tnlbt
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tnlbt.config import MAX_UPLOAD_BYTES
+
 TITLE = "TNLBT recipe search"
+# Gradio keeps every upload and every result image under its cache folder, by default forever: every 5 minutes,
+# delete those older than 15 (example photos are kept).
+DELETE_CACHE = (300, 900)
+
+
+@functools.cache
+def _photo_input_class() -> type:
+    """``gr.Image`` that hands the function the uploaded file's *path*, after checking the header only.
+
+    With ``type="pil"`` Gradio decodes every upload in the UI process (an 81-MP PNG of 250 kB is 250 MB of
+    pixels there, before any limit of ours), and re-encoding it for the API decodes it twice more. Here the file
+    is never decoded: its header must be a photo format within the query limits
+    (:func:`tnlbt.inference.check_image`), and a ``data:`` URL (Gradio's other way in, which it would decode
+    and re-encode) is written out as its bytes. Defined lazily: importing this module does not import Gradio.
+    """
+    import gradio as gr
+
+    from tnlbt.data.images import PhotoError
+    from tnlbt.inference import check_image
+
+    class PhotoInput(gr.Image):
+        # Rendered by the frontend's "image" component. No __init__ of its own: Gradio builds the component's
+        # frontend config from the signature of ``__init__``. Make it with type="filepath", image_mode=None.
+        is_template = True
+        max_bytes = MAX_UPLOAD_BYTES
+
+        def preprocess(self, payload: Any) -> str | None:
+            if payload is None:
+                return None
+            if payload.url and payload.url.startswith("data:"):
+                # bounded by the request's body limit (the JSON limit), so at most ~0.75 MiB of bytes
+                data = base64.b64decode(payload.url.partition(",")[2], validate=False)
+                folder = Path(self.GRADIO_CACHE) / hashlib.sha256(data).hexdigest()[:20]
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / "pasted"
+                path.write_bytes(data)
+                self.temp_files.add(str(path))  # so DELETE_CACHE removes it too
+            elif payload.path:
+                path = Path(payload.path)
+            else:
+                return None
+            if path.stat().st_size > self.max_bytes:
+                raise gr.Error(f"That photo is larger than {self.max_bytes} bytes.")
+            try:
+                check_image(path.read_bytes())
+            except PhotoError as e:
+                raise gr.Error(f"That file can't be searched with: {e}") from None
+            return str(path)
+
+    return PhotoInput
 
 
 def _metrics_rows(metrics: Any) -> tuple[list[str], list[list[Any]]]:
@@ -41,12 +96,14 @@ def build_demo(
     search_image_fn: Callable,
     examples: dict[str, Any] | None = None,
     model_card: dict[str, Any] | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ) -> Any:
     """The Blocks app.
 
     * ``search_text_fn(title, ingredients, instructions, k) -> [(image, caption), ...]`` (gallery items;
       ingredients / instructions arrive as one text box each, one line per item)
-    * ``search_image_fn(pil_image, k) -> [[title, ingredients, score], ...]``
+    * ``search_image_fn(photo_path, k) -> [[title, ingredients, score], ...]``: the uploaded file, undecoded,
+      its header already checked (a photo format, within the pixel limits, at most ``max_upload_bytes``)
     * ``examples``: ``{"text": [[title, ingredients, instructions], ...], "images": [path, ...]}``
     * ``model_card``: ``{"run": str, "metrics": dict, "curves": png path, "notes": markdown}``
     """
@@ -54,7 +111,7 @@ def build_demo(
 
     examples = examples or {}
     card = model_card or {}
-    with gr.Blocks(title=TITLE) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(
             f"# {TITLE}\nType a recipe and see matching dishes, or upload a food photo and get recipes."
         )
@@ -91,9 +148,12 @@ def build_demo(
         with gr.Tab("Photo -> recipes"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    photo = gr.Image(
-                        type="pil", label="Dish photo", sources=["upload", "clipboard"], elem_id="photo-input"
+                    # type="filepath", image_mode=None: Gradio passes the file on without opening it
+                    photo = _photo_input_class()(
+                        type="filepath", image_mode=None, label="Dish photo", sources=["upload", "clipboard"],
+                        elem_id="photo-input",
                     )
+                    photo.max_bytes = max_upload_bytes
                     img_btn = gr.Button("Find recipes", variant="primary", elem_id="search-image-btn")
                 with gr.Column(scale=2):
                     table = gr.Dataframe(
@@ -139,10 +199,10 @@ def searcher_fns(searcher: Any) -> tuple[Callable, Callable]:
             out.append((img, f"{h['title']}  ({h['score']:.3f})"))
         return out
 
-    def image_fn(image: Any, k: float) -> list[list[Any]]:
-        if image is None:
+    def image_fn(path: str | None, k: float) -> list[list[Any]]:
+        if not path:
             raise gr.Error("Upload a photo first.")
-        hits = searcher.search_image(image, int(k))
+        hits = searcher.search_image(Path(path), int(k))
         return [[h["title"], ", ".join(h["ingredients"][:12]), round(h["score"], 4)] for h in hits]
 
     return text_fn, image_fn

@@ -55,9 +55,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        # No copy of an RGBA image, and the background freed before the RGB copy: a 16-MP photo costs 3 full
+        # RGBA planes at the peak, not 5 (the query path's memory bound counts on it).
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        out = Image.alpha_composite(background, rgba)
+        del background
+        return out.convert("RGB")
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = float(arr.max()) if arr.size else 0.0
@@ -75,6 +79,30 @@ def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
     if size == (w, h):
         return img
     return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+
+
+# What PIL raises on bad data while parsing or decoding (besides UnidentifiedImageError / DecompressionBombError).
+_DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+
+
+def _failure_reason(e: BaseException) -> str:
+    return "truncated" if ("truncated" in str(e).lower() or isinstance(e, EOFError)) else "corrupt"
+
+
+def _draft_jpeg(img: Image.Image, short_side: int) -> None:
+    """Ask libjpeg to decode a big JPEG at a reduced DCT scale (1/2 .. 1/8) that still leaves the shorter side
+    >= ``short_side``: much faster and smaller for big photos, same look after the resize. Header only."""
+    w, h = img.size
+    if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L") and min(w, h) > 2 * short_side:
+        scale = short_side / min(w, h)
+        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+
+
+def _load_rgb(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an opened photo, rotate it upright by its EXIF orientation, and make it RGB."""
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)  # in place: an upright photo is not copied for nothing
+    return _to_rgb(img)
 
 
 def decode_image(
@@ -106,24 +134,16 @@ def decode_image(
                 return ImageResult(None, "too_small", fmt, mode, f"{w}x{h}")
             if max(w, h) / min(w, h) > max_aspect:
                 return ImageResult(None, "extreme_aspect", fmt, mode, f"{w}x{h}")
-            if fmt == "JPEG" and mode in ("RGB", "L") and min(w, h) > 2 * short_side:
-                # libjpeg decodes at a reduced DCT scale: much faster for big photos, same look after resize
-                scale = short_side / min(w, h)
-                img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            img = _to_rgb(img)
-            img = resize_short_side(img, short_side)
+            _draft_jpeg(img, short_side)
+            img = resize_short_side(_load_rgb(img), short_side)
             out = io.BytesIO()
             img.save(out, format="JPEG", quality=quality)
     except Image.DecompressionBombError as e:
         return ImageResult(None, "too_large", fmt, mode, str(e)[:200])
     except UnidentifiedImageError as e:
         return ImageResult(None, "corrupt", fmt, mode, str(e)[:200])
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
-        msg = str(e)
-        reason = "truncated" if ("truncated" in msg.lower() or isinstance(e, EOFError)) else "corrupt"
-        return ImageResult(None, reason, fmt, mode, msg[:200])
+    except _DECODER_ERRORS as e:
+        return ImageResult(None, _failure_reason(e), fmt, mode, str(e)[:200])
     except MemoryError:
         return ImageResult(None, "too_large", fmt, mode, "out of memory while decoding")
     return ImageResult(out.getvalue(), None, fmt, mode)
@@ -192,7 +212,88 @@ def load_image_file(
                         min_side=min_side, max_aspect=max_aspect)
 
 
+class PhotoError(ValueError):
+    """A photo that cannot be decoded, or not within the limits; ``reason`` names why (``too_large``,
+    ``corrupt``, ``truncated``, ``empty_file``, ``unsupported_format``), ``detail`` says what was seen."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        # Both in ``args``: the error pickles with its reason (it crosses Ray from an encoder replica).
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+@dataclass(frozen=True)
+class PhotoLimits:
+    """What decoding one photo may cost. ``max_pixels`` bounds what a header may claim; ``max_decoded_pixels``
+    what a decode materialises (a big JPEG decodes at 1/2..1/8 scale, every other format at full size);
+    ``short_side`` is the draft target for big JPEGs; ``formats`` the PIL formats accepted (None: any)."""
+
+    max_pixels: int = 64_000_000
+    max_decoded_pixels: int | None = None
+    short_side: int | None = None
+    formats: frozenset[str] | None = None
+
+
+ANY_PHOTO = PhotoLimits()  # training's limits: any PIL format, the decompression-bomb limit only
+
+
+def open_photo(data: bytes, limits: PhotoLimits = ANY_PHOTO) -> Image.Image:
+    """Parse a photo's header, without decoding a pixel: format, size, and the JPEG draft scale for
+    ``limits.short_side``. Raises :class:`PhotoError` for data that is not an image, a format outside
+    ``limits.formats``, or a photo over a pixel limit (``too_large``)."""
+    if not data:
+        raise PhotoError("empty_file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its MAX_IMAGE_PIXELS and raises above twice that; our own limits follow.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise PhotoError("too_large", str(e)[:200]) from None
+    except UnidentifiedImageError:
+        raise PhotoError("corrupt", "not a decodable image") from None
+    except _DECODER_ERRORS as e:
+        raise PhotoError(_failure_reason(e), str(e)[:200]) from None
+    w, h = img.size
+    if limits.formats is not None and img.format not in limits.formats:
+        raise PhotoError("unsupported_format", f"{img.format} (accepted: {', '.join(sorted(limits.formats))})")
+    if w <= 0 or h <= 0:
+        raise PhotoError("corrupt", "zero size")
+    if w * h > limits.max_pixels:
+        raise PhotoError("too_large", f"{w}x{h} pixels (limit {limits.max_pixels})")
+    if limits.short_side:
+        _draft_jpeg(img, limits.short_side)
+    dw, dh = img.size
+    if limits.max_decoded_pixels is not None and dw * dh > limits.max_decoded_pixels:
+        raise PhotoError("too_large", f"{img.format} {w}x{h} decodes to {dw * dh} pixels "
+                                      f"(limit {limits.max_decoded_pixels})")
+    return img
+
+
+def decode_photo(data: bytes, limits: PhotoLimits = ANY_PHOTO) -> Image.Image:
+    """Photo bytes -> RGB PIL image, the way preprocessing decodes training photos: EXIF rotation, alpha
+    composited on white, 16-bit grey scaled; a big JPEG decoded at the draft scale for ``limits.short_side``.
+    The one decoder of training (:func:`decode_rgb`), indexing and queries (:func:`tnlbt.inference.decode_image`).
+    Limits as :func:`open_photo`; any failure is a :class:`PhotoError`."""
+    img = open_photo(data, limits)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey (as decode_image)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            rgb = _load_rgb(img)
+    except MemoryError:
+        raise PhotoError("too_large", "out of memory while decoding") from None
+    except _DECODER_ERRORS as e:
+        raise PhotoError(_failure_reason(e), str(e)[:200]) from None
+    if rgb is not img:
+        img.close()  # free the decoded original now, not when the GC gets to it: the peak is what we bound
+    return rgb
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Stored JPEG bytes -> RGB PIL image (used by collate and the serving code)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+    """Stored photo bytes -> RGB PIL image (collate, i.e. every training and evaluation batch): :func:`decode_photo`,
+    so stored and query photos are decoded by one function."""
+    return decode_photo(data)

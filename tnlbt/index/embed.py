@@ -102,7 +102,7 @@ class PhotoEmbedder:
         for r in batch.to_pylist():
             for iid, data in zip(r.get("image_ids") or [], r.get("images") or [], strict=False):
                 try:
-                    imgs.append(decode_image(data))
+                    imgs.append(decode_image(data, self.enc.photo_limits))  # never drafts a stored photo
                 except ValueError:
                     skipped += 1
                     continue

@@ -37,7 +37,7 @@ import numpy as np
 from tnlbt import storage
 from tnlbt.config import StoreConfig
 from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, VectorStore, open_store
-from tnlbt.inference import Encoder, RecipeText, decode_image
+from tnlbt.inference import Encoder, RecipeText
 from tnlbt.runs import default_store_path, index_checkpoint, read_index_meta, recorded_path, run_dir_of
 
 log = logging.getLogger(__name__)
@@ -279,14 +279,13 @@ class Searcher:
         return self.reader.search_photos(vec, _check_k(k), filter)
 
     def search_image(self, image: Any, k: int = 10, filter: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """``image``: bytes, a path, or a PIL image."""
+        """``image``: bytes, a path (decoded as the API decodes an upload), or a PIL image."""
+        if isinstance(image, str | Path):
+            image = Path(image).read_bytes()
         if isinstance(image, bytes | bytearray):
-            image = decode_image(bytes(image))
-        elif isinstance(image, str | Path):
-            image = decode_image(Path(image).read_bytes())
+            vec = self.encoder.encode_tensors([self.encoder.photo_tensor(bytes(image))])[0]
         else:
-            image = image.convert("RGB")
-        vec = self.encoder.encode_images([image])[0]
+            vec = self.encoder.encode_images([image.convert("RGB")])[0]
         return self.reader.search_recipes(vec, _check_k(k), filter)
 
     def close(self) -> None:
