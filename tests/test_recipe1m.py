@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import time
 
 import pytest
 
@@ -134,3 +136,38 @@ def test_sanitizer_chunking_matches_whole_file_decode() -> None:
         while piece := f.read(4):
             parts.append(piece)
         assert b"".join(parts) == whole, chunk
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("unit", "mib"),
+    [
+        ("a", 16),  # hex digits: was carried and re-scanned chunk after chunk (8 MiB: 4 s, 20 MiB: 9.9 s)
+        ("\\\\", 4),  # escaped backslashes: the surrogate regex backtracked over the run (64 KiB: 36 s)
+        ("ud83d", 16),
+    ],
+)
+def test_sanitizer_is_linear_on_escape_like_runs(unit: str, mib: int) -> None:
+    """A title made of one escape-like character repeated: CPU time stays that of ordinary text."""
+    body = (unit * ((mib << 20) // len(unit) + 1))[: (mib << 20) // len(unit) * len(unit)]
+    data = b'["' + body.encode() + b'\\u00e9", "x\\udc80"]'
+    t0 = time.process_time()  # this process's CPU time: other jobs on the box do not count
+    out = Utf8Sanitizer(io.BytesIO(data)).read()
+    spent = time.process_time() - t0
+    got = json.loads(out)
+    assert got[0].endswith("é") and got[1] == "x\ufdd0"
+    assert spent < 1.5, f"{spent:.2f}s CPU for {mib} MiB"  # about 0.05 s/MiB after the fix
+
+
+def test_sanitizer_any_chunking_matches_whole_decode_on_random_escapes() -> None:
+    """Backslash runs of any length before surrogate-like escapes, cut at every small chunk size: the same
+    bytes as one whole decode (the carried tail keeps only a run's parity)."""
+    rng = random.Random(7)
+    pieces = ["ud83d", "udc80", "ude00", "uD800", "u00e9", "a", "x", "é", "", "u"]
+    for _ in range(300):
+        text = "".join("\\" * rng.choice([0, 0, 1, 2, 3, 4, 11, 12, 13]) + rng.choice(pieces)
+                       for _ in range(rng.randint(1, 12)))
+        src = b'["' + text.encode() + b'"]'
+        whole = Utf8Sanitizer(io.BytesIO(src), chunk_size=1 << 20).read()
+        for chunk in (1, 2, 3, 4, 5, 7, 11, 12, 13, 17, 29):
+            assert Utf8Sanitizer(io.BytesIO(src), chunk_size=chunk).read() == whole, (text, chunk)

@@ -44,12 +44,43 @@ _IMAGE_ID = re.compile(r"^[A-Za-z0-9]{4}[A-Za-z0-9._-]{0,200}$")
 # A lone UTF-16 surrogate escape ("\udc80") is valid JSON but not Unicode; yajl emits bytes that ijson cannot
 # decode and the whole parse dies. Such escapes are rewritten to "\ufdd0" (the marker) before parsing; an
 # escape is live only after an odd run of backslashes, and a high+low pair is a real character and stays.
+# A run is matched only from its first backslash ((?<!\\)) and possessively (\\++): otherwise a long run of
+# backslashes not followed by "u" is retried from every position inside it, quadratic (64 KiB: 36 s).
 _SURROGATE_ESCAPE = re.compile(
-    r"(\\+)u([dD][89abAB][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?|(\\+)u[dD][c-fC-F][0-9a-fA-F]{2}"
+    r"(?<!\\)(?:(\\++)u([dD][89abAB][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?"
+    r"|(\\++)u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
+
+_H = "[0-9a-fA-F]"
+_ESCAPE_TAIL = 11  # the longest escape after its backslash run: u d83d \ u de00
+# The start of a surrogate escape that more text could complete or extend, at the very end of a chunk: a
+# backslash run, then a prefix of "udXXX" (high: any prefix, up to a whole high + a prefix of its low part;
+# low: a prefix missing a digit).
+_PARTIAL_ESCAPE = re.compile(
+    rf"(?<!\\)(\\++)(?:u(?:[dD](?:[89abAB](?:{_H}(?:{_H}(?:\\(?:u(?:[dD](?:[c-fC-F]{_H}?)?)?)?)?)?)?"
+    rf"|[c-fC-F]{_H}?)?)?)?\Z"
 )
 
 
-_ESCAPE_CHARS = frozenset("\\u0123456789abcdefABCDEF")
+def _split_escape_tail(text: str) -> tuple[str, str]:
+    """``text`` -> (part to convert now, tail for the next chunk) so that no surrogate escape is cut in two.
+
+    The tail is an escape the next chunk may complete (at most 11 characters after its backslash run). Of
+    that run only the parity matters (an odd run makes the escape live), so an even number of its backslashes
+    is converted now (a run without its "u" stays as it is) and at most one is carried. The old rule (carry
+    everything after the last character that cannot be part of an escape) carried 20 MiB of "a" in a title and
+    re-scanned it with every chunk: quadratic.
+    """
+    # The escape's backslash run ends within the last 11 characters: search from there (or from the start of
+    # that run), not through a long run of escape-like text.
+    start = max(0, len(text) - _ESCAPE_TAIL)
+    if start and text[start] == "\\":
+        start = len(text[:start].rstrip("\\"))
+    m = _PARTIAL_ESCAPE.search(text, start)
+    if m is None:
+        return text, ""
+    cut = m.end(1) - len(m.group(1)) % 2
+    return text[:cut], text[cut:]
 
 
 def _fix_surrogate_escape(m: re.Match[str]) -> str:
@@ -95,12 +126,7 @@ class Utf8Sanitizer:
                 text = text.removeprefix("\ufeff")
                 self._first = False
             if not self._eof:
-                # A surrogate escape is made only of backslashes, 'u' and hex digits: cut the chunk after the
-                # last other character, so no escape (or its backslash run) straddles two chunks.
-                k = len(text)
-                while k > 0 and text[k - 1] in _ESCAPE_CHARS:
-                    k -= 1
-                text, self._carry = text[:k], text[k:]
+                text, self._carry = _split_escape_tail(text)  # no escape straddles two chunks
             if "\\u" in text:
                 text = _SURROGATE_ESCAPE.sub(_fix_surrogate_escape, text)
             self._pending = text.encode("utf-8")
