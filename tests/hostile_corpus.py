@@ -389,6 +389,11 @@ def write_hostile_corpus(root: str | Path, seed: int = 0) -> dict[str, Any]:
         b'"instructions": [{"text": "b"}], "partition": "train"}',
         "invalid_utf8",
     )
+    # Nested 1,000 levels deep in a field nobody reads (the parser's memory grows with depth squared): rejected
+    # before the parser sees the deep part, the records around it unaffected.
+    deep = json.dumps({"id": "d1", "title": "t", "ingredients": [{"text": "a"}], "instructions": [{"text": "b"}],
+                       "partition": "train", "extra": None})
+    b.raw(deep.replace("null", "[" * 1000 + "]" * 1000).encode(), "too_deep")
     # A valid record after all that, with non-ASCII text and an emoji escape pair: must be kept.
     b.layer1.append(
         json.dumps(

@@ -55,6 +55,8 @@ class DataConfig:
     row_group_rows: int = 256  # Parquet row group size inside each file (random access reads one group)
     rows_per_file: int = 2048  # max Parquet rows per output file (one preprocessing task writes one file)
     preprocess_cpus: float = 0.0  # logical CPUs for Ray Data (0 = all)
+    # Hostile or broken input (counted in stats.json, see tnlbt/data/preprocess.py)
+    max_json_depth: int = 64  # nesting levels of one JSON record (Recipe1M's: 3); deeper: rejected, too_deep
 
     def __post_init__(self) -> None:
         for name in ("max_title_tokens", "max_ingredients", "max_instructions", "max_line_tokens"):
@@ -69,6 +71,7 @@ class DataConfig:
         _check(self.max_image_aspect >= 1.0, "data.max_image_aspect", "must be >= 1")
         _check(self.row_group_rows >= 1, "data.row_group_rows", "must be >= 1")
         _check(self.preprocess_cpus >= 0, "data.preprocess_cpus", "must be >= 0")
+        _check(self.max_json_depth >= 3, "data.max_json_depth", "must be >= 3 (a Recipe1M record nests 3 levels)")
 
     @property
     def images_dir(self) -> str:

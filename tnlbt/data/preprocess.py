@@ -77,6 +77,7 @@ from tnlbt.config import DataConfig
 from tnlbt.data.images import load_image_file
 from tnlbt.data.recipe1m import (
     PARTITIONS,
+    TooDeep,
     clean_det_ingrs,
     clean_layer1,
     clean_layer2,
@@ -270,6 +271,8 @@ class _ShardWriter:
 
 
 def _example_id(obj: Any, index: int) -> str:
+    if isinstance(obj, TooDeep):
+        obj = obj.item  # what is left of it: the id is usually there
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and rid.strip() and rid.isprintable() else f"#{index}"
 
@@ -291,7 +294,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
 
     layer2: dict[str, tuple[str, ...]] = {}
     l2 = Counter()
-    for obj in iter_json_array(layer2_path, parse_errors):
+    for obj in iter_json_array(layer2_path, parse_errors, cfg.max_json_depth):
         l2["entries"] += 1
         rid, ids = clean_layer2(obj)
         if rid is None:
@@ -306,7 +309,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     det: dict[str, bytes] = {}
     dc = Counter()
     if storage.isfile(det_path):
-        for obj in iter_json_array(det_path, parse_errors):
+        for obj in iter_json_array(det_path, parse_errors, cfg.max_json_depth):
             dc["entries"] += 1
             rid, det_names = clean_det_ingrs(obj)
             if rid is None:
@@ -332,7 +335,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     matched_l2 = 0
     writer = _ShardWriter(shard_dir, cfg.rows_per_file)
     try:
-        for index, obj in enumerate(iter_json_array(layer1, parse_errors)):
+        for index, obj in enumerate(iter_json_array(layer1, parse_errors, cfg.max_json_depth)):
             n_input += 1
             if n_input % 100_000 == 0:
                 log.info("layer1: %d records read, %d kept so far", n_input, len(seen))
