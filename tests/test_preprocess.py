@@ -188,6 +188,8 @@ def test_rebalance_small_corpus_keeps_every_line(tmp_path) -> None:
     assert sorted(lines) == list(range(110)) and len(out) == 5  # 28-row shards: 4 train + 1 val
     assert all(Path(s).name.split("-")[0] == ("val" if "val" in s else "train") for s in out)
     assert rebalance_shards(out, tmp_path, min_shards=2) == out  # enough shards: untouched
+    capped = rebalance_shards(out[:1], tmp_path, min_shards=4, min_rows=32, max_rows=16)  # 28 train rows
+    assert [len(Path(s).read_text().splitlines()) for s in capped] == [16, 12]  # never above rows_per_file
 
 
 def test_shard_task_resumes_from_done_marker(hostile, tmp_path) -> None:

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import logging
@@ -385,9 +384,11 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
 
 
 def rebalance_shards(
-    shards: list[str], folder: str | os.PathLike[str], min_shards: int, min_rows: int = 32
+    shards: list[str], folder: str | os.PathLike[str], min_shards: int, min_rows: int = 32,
+    max_rows: int | None = None,
 ) -> list[str]:
-    """Split a small corpus into more, smaller shards so every CPU gets work (files stay <= rows_per_file).
+    """Split a small corpus into more, smaller shards so every CPU gets work (files stay <= ``max_rows``, the
+    config's rows_per_file: ``min_rows`` alone made a 17-row shard with rows_per_file 16).
 
     Only when there are fewer than ``min_shards`` shards, i.e. a corpus small enough to rewrite cheaply. Shards
     are read, deleted and written whole (one object each on an object store).
@@ -401,6 +402,8 @@ def rebalance_shards(
     texts = {key: [storage.read_text(p) for p in paths] for key, paths in groups.items()}
     total = sum(t.count("\n") for ts in texts.values() for t in ts)
     size = max(min_rows, -(-total // min_shards))
+    if max_rows is not None:
+        size = min(size, max_rows)
     out: list[str] = []
     folder = os.fspath(folder)
     for key, paths in groups.items():
@@ -702,7 +705,7 @@ def preprocess(
 
         _progress_bars()
         n_tasks = num_cpus or int(cfg.preprocess_cpus) or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        raw["shards"] = rebalance_shards(raw["shards"], shard_dir, 2 * n_tasks)
+        raw["shards"] = rebalance_shards(raw["shards"], shard_dir, 2 * n_tasks, max_rows=cfg.rows_per_file)
 
         # Stage 2: vocabulary from paired train shards (parallel word counts).
         t0 = time.perf_counter()
