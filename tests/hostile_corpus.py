@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import struct
 import zlib
@@ -132,6 +133,7 @@ class CorpusBuilder:
             "formats": Counter(),
             "kept_ids": set(),
             "paired_ids": set(),
+            "outside_ids": set(),  # photos behind a symlink out of the image root (links=True)
         }
 
     def _text(self, k: int) -> list[str]:
@@ -186,9 +188,10 @@ class CorpusBuilder:
         entries = []
         for kind in photos:
             iid = f"{self.rng.getrandbits(40):010x}.jpg"
-            data = _photo_bytes(kind, self.rng)
-            if data is not None:
-                path = self.root / "images" / split / iid[0] / iid[1] / iid[2] / iid[3] / iid
+            path = self.root / "images" / split / iid[0] / iid[1] / iid[2] / iid[3] / iid
+            if kind.startswith(("outside_root", "link_")):
+                self._link(kind, path)
+            elif (data := _photo_bytes(kind, self.rng)) is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             entries.append({"id": iid, "url": f"http://example.com/{iid}", "_kind": kind})
@@ -202,6 +205,25 @@ class CorpusBuilder:
         if expect:
             self._expect_recipe(rid, split, entries)
         return rec
+
+    def _link(self, kind: str, path: Path) -> None:
+        """A good JPEG reached through a symlink: out of the image root (file or folder link) or inside it."""
+        data = _photo_bytes("jpeg_ok", self.rng) or b""
+        if kind == "link_inside_ok":  # a relative link to a photo elsewhere in the tree: allowed
+            target = self.root / "images" / "shared" / path.name
+        elif kind == "outside_root":  # the photo itself links to a file next to the image root
+            target = self.root / "outside" / path.name
+        else:  # "outside_root:dir": the folder above the photo links out of the root
+            target = self.root / "outside" / f"dir-{path.name}" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        if kind == "outside_root:dir":
+            path.parent.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.symlink_to(target.parent, target_is_directory=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(os.path.relpath(target, path.parent))
+        self.expect["outside_ids"] |= {path.name} if kind.startswith("outside_root") else set()
 
     def _expect_recipe(self, rid: str, split: str, entries: list[Any]) -> None:
         ph, kept = self.expect["photos"], 0
@@ -220,7 +242,7 @@ class CorpusBuilder:
                 kept += 1
                 ph["ok"] += 1
             else:
-                ph["rejected"][kind] += 1
+                ph["rejected"][kind.split(":")[0]] += 1  # "outside_root:dir" is counted as outside_root
         if not entries and split != "train":
             self.expect["dropped"]["no_image_eval"] += 1
         elif kept == 0 and split != "train":
@@ -243,8 +265,12 @@ class CorpusBuilder:
         return e
 
 
-def write_hostile_corpus(root: str | Path, seed: int = 0) -> dict[str, Any]:
-    """Write the corpus under ``root``; return the exact expected counts (see CorpusBuilder.expect)."""
+def write_hostile_corpus(root: str | Path, seed: int = 0, *, links: bool = False) -> dict[str, Any]:
+    """Write the corpus under ``root``; return the exact expected counts (see CorpusBuilder.expect).
+
+    ``links``: also photos behind symlinks (two out of the image root, one inside it). Off by default because
+    copying the corpus to an object store (``storage.upload_dir``) follows links and turns them into plain files.
+    """
     b = CorpusBuilder(Path(root), seed)
     ok = "jpeg_ok"
     # Valid recipes: train paired / recipe-only, val and test paired.
@@ -264,6 +290,9 @@ def write_hostile_corpus(root: str | Path, seed: int = 0) -> dict[str, Any]:
     b.recipe("train", ["missing_file", ok, "empty_file"])
     b.recipe("test", ["truncated", "corrupt", ok])
     b.recipe("train", ["too_large", "too_small", "extreme_aspect", ok])
+    if links:  # a photo behind a link out of the root is refused; a link within the root is fine
+        b.recipe("train", ["outside_root", "link_inside_ok", "outside_root:dir"])
+        b.recipe("val", ["outside_root"])  # its only photo refused: dropped as no_valid_image
     # Photo limit: 7 good photos, 5 kept, 2 unused.
     b.recipe("train", [ok] * 7)
     # A train recipe whose photos all fail -> recipe-only row; val/test ones are dropped.

@@ -24,7 +24,7 @@ CFG = DataConfig(
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("hostile")
-    return root, write_hostile_corpus(root)
+    return root, write_hostile_corpus(root, links=True)
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,24 @@ def test_shard_task_resumes_from_done_marker(hostile, tmp_path) -> None:
         fh.write(Path(shard).read_text().splitlines(keepends=True)[0])
     third = json.loads(_process_batch({"path": [shard]}, **kwargs)["result"][0])
     assert part.exists() and sum(third["rows"].values()) == sum(first["rows"].values()) + 1
+
+
+def test_photos_behind_links_out_of_the_image_root_are_refused(hostile, tmp_path) -> None:
+    """Every shard through the task function (no Ray): links out of images/ are counted, never stored."""
+    from tnlbt.data.preprocess import process_shard
+    from tnlbt.data.vocab import IngredientVocab
+
+    root, expect = hostile
+    assert len(expect["outside_ids"]) == 3 and all((root / "outside").rglob("*.jpg"))
+    raw = read_raw(root, tmp_path / "shards", CFG)
+    rejected, stored = Counter(), set()
+    for shard in raw["shards"]:
+        out = tmp_path / "out" / f"{Path(shard).stem}.parquet"
+        res = process_shard(shard, out, vocab=build_vocab(Counter(a=1), 1), ingredients=IngredientVocab([]),
+                            cfg=CFG, images_dir=str(root / "images"))
+        rejected.update(res["photos"]["rejected"]["counts"])
+        if out.exists():
+            stored |= {i for row in pq.read_table(out, columns=["image_ids"]).to_pylist() for i in row["image_ids"]}
+    assert rejected["outside_root"] == expect["photos"]["rejected"]["outside_root"] == 3
+    assert not stored & expect["outside_ids"]
+    assert any(p.is_symlink() for p in (root / "images").rglob("*.jpg"))  # the link inside the root is kept

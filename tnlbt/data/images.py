@@ -3,6 +3,8 @@
 Every failure is a named reason, never an exception escaping to the pipeline:
 
 * ``missing_file``, ``empty_file`` (zero bytes), ``unreadable_file`` (I/O error);
+* ``outside_root``: a local photo whose path, symlinks followed, leads out of the image root (a link to
+  ``/etc/...`` or to another user's files must not end up as pixels in Parquet);
 * ``corrupt`` (not an image PIL can identify, or a decoder error), ``truncated`` (data ends early);
 * ``too_large`` (more pixels than ``max_image_pixels``: the decompression-bomb limit, checked from the header
   before any pixel is decoded), ``too_small`` (shorter side under ``min_image_side``), ``extreme_aspect``.
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
 PHOTO_REASONS = (
-    "missing_file", "empty_file", "unreadable_file", "corrupt", "truncated", "too_large", "too_small",
-    "extreme_aspect",
+    "missing_file", "empty_file", "unreadable_file", "outside_root", "corrupt", "truncated", "too_large",
+    "too_small", "extreme_aspect",
 )
 
 
@@ -129,13 +131,24 @@ def decode_image(
     return ImageResult(out.getvalue(), None, fmt, mode)
 
 
-def read_image_bytes(path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> bytes | ImageResult:
+def inside_root(path: str | os.PathLike[str], root: str) -> str | None:
+    """``path`` with every symlink resolved if that lies under ``root`` (itself resolved: ``os.path.realpath``),
+    else ``None``. Links that stay inside the root (a shared photo linked from two recipes) are fine."""
+    real = os.path.realpath(path)
+    return real if real == root or real.startswith(os.path.join(root, "")) else None
+
+
+def read_image_bytes(
+    path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None, root: str | None = None
+) -> bytes | ImageResult:
     """The bytes of one photo, or an :class:`ImageResult` naming why there are none.
 
     ``filesystem`` given: ``path`` is a path inside it (``bucket/images/train/a/b/c/d/abcd.jpg``), so a task
     that reads thousands of photos resolves the image root once. Otherwise ``path`` is a local path or a URI
     resolved through :mod:`tnlbt.storage`. Any I/O error (a missing object, a lost connection, a permission
     error) becomes a named reason: one bad photo is a counted skip, never the end of a preprocessing task.
+    ``root`` (local paths; resolved with ``os.path.realpath`` by the caller, once): a photo that resolves
+    outside it is ``outside_root`` and not read; object stores have no links, so it does not apply to them.
     """
     if filesystem is None:
         s = os.fspath(path)
@@ -143,6 +156,11 @@ def read_image_bytes(path: str | os.PathLike[str], filesystem: pafs.FileSystem |
 
         if not storage.is_remote(s):
             p = Path(storage.local_path(s) or s)
+            if root is not None:
+                real = inside_root(p, root)
+                if real is None:
+                    return ImageResult(None, "outside_root")
+                p = Path(real)  # read the file that was checked, not the link again
             try:
                 if not p.is_file():
                     return ImageResult(None, "missing_file")
@@ -174,6 +192,7 @@ def load_image_file(
     path: str | os.PathLike[str],
     *,
     filesystem: pafs.FileSystem | None = None,
+    root: str | None = None,
     short_side: int = 256,
     quality: int = 90,
     max_pixels: int = 64_000_000,
@@ -183,9 +202,9 @@ def load_image_file(
     """Read and decode one photo; a missing/empty/unreadable file is a reason, not an exception.
 
     ``path`` is a local path, a URI (``s3://bucket/images/...``), or, with ``filesystem``, a path inside that
-    pyarrow filesystem (see :func:`read_image_bytes`).
+    pyarrow filesystem (see :func:`read_image_bytes`, also for ``root``).
     """
-    data = read_image_bytes(path, filesystem)
+    data = read_image_bytes(path, filesystem, root)
     if isinstance(data, ImageResult):
         return data
     return decode_image(data, short_side=short_side, quality=quality, max_pixels=max_pixels,

@@ -481,9 +481,10 @@ def process_shard(
                 posixpath.join(img_root, image_relpath(split, image_id)), filesystem=img_fs, **photo_kw
             )
     else:
+        root = os.path.realpath(images_dir)  # once per shard; each photo must resolve inside it
 
         def load_photo(split: str, image_id: str) -> Any:
-            return load_image_file(image_path(images_dir, split, image_id), **photo_kw)
+            return load_image_file(image_path(images_dir, split, image_id), root=root, **photo_kw)
 
     photos, dropped = Tally(), Tally()
     formats: Counter[str] = Counter()
