@@ -128,6 +128,7 @@ class CorpusBuilder:
             "input": 0,
             "rejected": Counter(),
             "dropped": Counter(),
+            "truncated": {},  # kept records whose stored text is cut, by limit (default DataConfig limits)
             "splits": {s: Counter() for s in ("train", "val", "test")},
             "photos": {"listed": 0, "ok": 0, "unused_over_limit": 0, "rejected": Counter()},
             "formats": Counter(),
@@ -164,15 +165,18 @@ class CorpusBuilder:
         expect: bool = True,
         image_entries: list[Any] | None = None,
         title: str | None = None,
+        ingredients: list[str] | None = None,
+        instructions: list[str] | None = None,
     ) -> dict[str, Any]:
         rid = rid or self._next_id()
         title = title or f"{self.rng.choice(WORDS).title()} {self.rng.choice(WORDS)} bake"
         rec = {
             "id": rid,
             "title": title,
-            "ingredients": [{"text": t} for t in self._text(self.rng.randint(2, 5))],
+            "ingredients": [{"text": t} for t in ingredients or self._text(self.rng.randint(2, 5))],
             "instructions": [
-                {"text": f"Mix the {w} well. Bake 20 minutes."} for w in self.rng.sample(WORDS, 3)
+                {"text": t}
+                for t in instructions or [f"Mix the {w} well. Bake 20 minutes." for w in self.rng.sample(WORDS, 3)]
             ],
             "partition": split,
             "url": f"http://example.com/{rid}",
@@ -293,6 +297,11 @@ def write_hostile_corpus(root: str | Path, seed: int = 0, *, links: bool = False
     if links:  # a photo behind a link out of the root is refused; a link within the root is fine
         b.recipe("train", ["outside_root", "link_inside_ok", "outside_root:dir"])
         b.recipe("val", ["outside_root"])  # its only photo refused: dropped as no_valid_image
+    # Oversized text is kept but cut to DataConfig's limits (300-char title, 50 lines of 500 chars per list).
+    long_line = " ".join(b.rng.choice(WORDS) for _ in range(1500))
+    b.recipe("train", [ok], rid="long1", title="Tomato " * 20_000, ingredients=[long_line, *b._text(119)],
+             instructions=[f"Stir the {w}." for w in WORDS * 4])
+    b.expect["truncated"] = {"long_title": 1, "long_line": 1, "many_lines": 1}
     # Photo limit: 7 good photos, 5 kept, 2 unused.
     b.recipe("train", [ok] * 7)
     # A train recipe whose photos all fail -> recipe-only row; val/test ones are dropped.

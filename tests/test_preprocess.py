@@ -61,6 +61,13 @@ def test_driver_stage_counts_without_ray(hostile, tmp_path) -> None:
         "orphans": 1,
     }
     assert raw["parse_errors"] == []
+    assert raw["truncated"]["counts"] == expect["truncated"]
+    records = [json.loads(line) for s in raw["shards"] for line in Path(s).read_text().splitlines()]
+    long1 = next(r for r in records if r["id"] == "long1")
+    assert long1["title"] == ("Tomato " * 43).strip() and len(long1["ingredients"]) == 50
+    assert len(long1["instructions"]) == 50 and len(long1["ingredients"][0]) <= 500
+    assert all(len(r["title"]) <= 300 and all(len(x) <= 500 for x in r["ingredients"] + r["instructions"])
+               for r in records)
     per_shard = [len(Path(s).read_text().splitlines()) for s in raw["shards"]]
     assert sum(per_shard) == raw["kept_before_photos"]
     assert max(per_shard) <= CFG.rows_per_file
@@ -74,6 +81,7 @@ def test_hostile_counts_are_exact(processed) -> None:
     assert rec["rejected"] == expect["rejected"]
     assert rec["dropped"] == expect["dropped"]
     assert rec["kept"] + sum(rec["rejected"].values()) + sum(rec["dropped"].values()) == rec["input"]
+    assert rec["truncated"] == expect["truncated"] and rec["examples"]["long_title"] == ["long1"]
     assert rec["balanced"] and ph["balanced"]
     assert {k: ph[k] for k in ("listed", "ok", "unused_over_limit")} == {
         k: expect["photos"][k] for k in ("listed", "ok", "unused_over_limit")
@@ -116,6 +124,9 @@ def test_parquet_schema_and_rows(processed) -> None:
                     img = decode_rgb(row["images"][0])
                     assert img.mode == "RGB" and min(img.size) == CFG.image_short_side
                 assert row["title_ids"][0] == START_ID and len(row["title_ids"]) <= CFG.max_title_tokens
+                assert len(row["title"]) <= CFG.max_title_chars
+                assert len(row["ingredients"]) <= CFG.max_lines and len(row["instructions"]) <= CFG.max_lines
+                assert all(len(x) <= CFG.max_line_chars for x in row["ingredients"] + row["instructions"])
                 assert 1 <= len(row["ingredient_ids"]) <= CFG.max_ingredients
                 assert all(0 < t < len(vocab) for line in row["instruction_ids"] for t in line)
                 assert all(0 <= k < n_labels for k in row["ingredient_labels"])

@@ -239,3 +239,15 @@ def test_depth_guard_matches_a_reference_at_any_chunking(walk_only: bool, monkey
             out = b"".join(iter(lambda g=guard: g.read(5), b""))
             assert json.loads(out) == [v for v, _ in want], (text, chunk)
             assert guard.too_deep == {i for i, (_, cut) in enumerate(want) if cut}, (text, chunk)
+
+
+def test_cap_text_cuts_and_names_each_limit() -> None:
+    from tnlbt.data.recipe1m import cap_text
+
+    rec, _ = clean_layer1({**GOOD, "title": "ab " * 10, "ingredients": [{"text": f"{i} cup  x"} for i in range(9)]})
+    assert rec is not None
+    assert cap_text(rec, max_title_chars=5, max_line_chars=6, max_lines=4) == ["long_title", "long_line", "many_lines"]
+    assert rec["title"] == "ab ab" and rec["ingredients"] == ["0 cup", "1 cup", "2 cup", "3 cup"]
+    assert rec["instructions"] == ["Prehea", "Bake."]  # cut to 6 characters
+    untouched = dict(rec)
+    assert cap_text(rec, 300, 500, 50) == [] and rec == untouched

@@ -23,6 +23,9 @@ Decisions (also in stats.json):
   no photo listed is dropped as ``no_image_eval`` and one whose photos all fail as ``no_valid_image``: the
   evaluation protocol needs pairs. Up to ``max_images_per_recipe`` photos that decode are kept, in layer2
   order; listed photos after that are counted ``unused_over_limit`` and not opened.
+* Stored text is cut to ``max_title_chars`` / ``max_line_chars`` / ``max_lines`` (the search API's sizes); such
+  a record is kept and counted in ``records.truncated`` by limit (``long_title``, ``long_line``,
+  ``many_lines``). A record nested deeper than ``max_json_depth`` is rejected (``too_deep``).
 * Accounting: ``records.input == kept + sum(rejected) + sum(dropped)``; ``photos.listed == ok + sum(rejected)
   + unused_over_limit`` where ``listed`` counts the photos of recipes that passed validation.
 * Rerun: ``OUT/_SUCCESS`` holds a fingerprint of the inputs (layer files' size and mtime, image root,
@@ -77,6 +80,7 @@ from tnlbt.data.images import load_image_file
 from tnlbt.data.recipe1m import (
     PARTITIONS,
     TooDeep,
+    cap_text,
     clean_det_ingrs,
     clean_layer1,
     clean_layer2,
@@ -89,7 +93,7 @@ from tnlbt.data.vocab import IngredientVocab, Vocab, build_ingredient_vocab, bui
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: text limits, photos must resolve inside the image root
 MAX_EXAMPLES = 5
 _OUTPUT_NAMES = ("vocab.json", "ingredients.json", "stats.json", "config.json", "_SUCCESS", "_work")
 
@@ -326,7 +330,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     else:
         log.warning("%s not found: recipes get no ingredient labels", det_path)
 
-    records, dropped = Tally(), Tally()
+    records, dropped, truncated = Tally(), Tally(), Tally()
     seen: set[str] = set()
     label_counts: Counter[str] = Counter()
     paired_train = 0
@@ -364,6 +368,8 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
             if split == "train" and paired:
                 paired_train += 1
                 label_counts.update(labels)
+            for cut in cap_text(rec, cfg.max_title_chars, cfg.max_line_chars, cfg.max_lines):
+                truncated.add(cut, rid)
             rec.update(image_ids=image_ids, labels=labels)
             writer.write(split, "p" if paired or split != "train" else "r", rec)
     finally:
@@ -374,6 +380,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
         "records_input": n_input,
         "rejected": records.to_dict(),
         "dropped": dropped.to_dict(),
+        "truncated": truncated.to_dict(),
         "kept_before_photos": len(seen) - dropped.total(),
         "paired_train": paired_train,
         "label_counts": label_counts,
@@ -807,9 +814,10 @@ def _merge_stats(raw: dict[str, Any], results: list[dict[str, Any]], vocab: Voca
         sp["rows"] = sp["paired"] + sp["recipe_only"]
     kept = sum(sp["rows"] for sp in splits.values())
     rejected = raw["rejected"]
+    truncated = raw["truncated"]  # kept records whose text was cut (not part of the balance below)
     records = {"input": raw["records_input"], "kept": kept, "rejected": rejected["counts"],
-               "dropped": dropped.to_dict()["counts"],
-               "examples": {**rejected["examples"], **dropped.to_dict()["examples"]}}
+               "dropped": dropped.to_dict()["counts"], "truncated": truncated["counts"],
+               "examples": {**rejected["examples"], **dropped.to_dict()["examples"], **truncated["examples"]}}
     records["balanced"] = records["input"] == kept + sum(rejected["counts"].values()) + dropped.total()
     rej = photo_rej.to_dict()
     photo_stats = {"listed": photos["listed"], "ok": photos["ok"], "rejected": rej["counts"],
@@ -834,6 +842,8 @@ def _merge_stats(raw: dict[str, Any], results: list[dict[str, Any]], vocab: Voca
             "train_without_valid_photo": "kept as recipe-only row (has_image=false)",
             "val_test_without_photo": "dropped: no_image_eval (none listed), no_valid_image (all failed)",
             "max_images_per_recipe": "first photos that decode, in layer2 order; the rest unused_over_limit",
+            "text_limits": "title, each line and the number of lines cut to data.max_title_chars, "
+                           "max_line_chars, max_lines; the record kept (records.truncated)",
         },
     }
 
@@ -853,7 +863,8 @@ def cli_preprocess(args: argparse.Namespace) -> int:
     print(f"records: {rec['input']} in, {rec['kept']} kept "
           f"(train {sp['train']['paired']} paired + {sp['train']['recipe_only']} recipe-only, "
           f"val {sp['val']['rows']}, test {sp['test']['rows']})", file=out)
-    print(f"rejected: {rec['rejected'] or 'none'}; dropped: {rec['dropped'] or 'none'}", file=out)
+    print(f"rejected: {rec['rejected'] or 'none'}; dropped: {rec['dropped'] or 'none'}; "
+          f"kept with text cut: {rec.get('truncated') or 'none'}", file=out)
     print(f"photos: {ph['listed']} listed, {ph['ok']} ok, rejected {ph['rejected'] or 'none'}, "
           f"{ph['unused_over_limit']} over the per-recipe limit", file=out)
     print(f"vocab {stats['vocab']['size']} tokens, {stats['ingredients']['size']} ingredient labels; "

@@ -417,6 +417,31 @@ def clean_layer1(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
             "partition": partition}, None
 
 
+TEXT_CUTS = ("long_title", "long_line", "many_lines")
+
+
+def cap_text(rec: dict[str, Any], max_title_chars: int, max_line_chars: int, max_lines: int) -> list[str]:
+    """Cut a clean record's text to the storage limits, in place; return which limits cut it (``TEXT_CUTS``).
+
+    The raw text is stored in Parquet and returned with every search hit, so a 50 MiB title or 100,000
+    ingredient lines would be carried everywhere. Such a record is kept, shortened: the first ``max_lines``
+    lines of each list, each line and the title cut to their character limits (then right-stripped).
+    """
+    cuts = []
+    if len(rec["title"]) > max_title_chars:
+        rec["title"] = rec["title"][:max_title_chars].rstrip()
+        cuts.append("long_title")
+    long_line = many_lines = False
+    for key in ("ingredients", "instructions"):
+        lines = rec[key]
+        if len(lines) > max_lines:
+            lines, many_lines = lines[:max_lines], True
+        if any(len(line) > max_line_chars for line in lines):
+            lines, long_line = [line[:max_line_chars].rstrip() for line in lines], True
+        rec[key] = lines
+    return cuts + ["long_line"] * long_line + ["many_lines"] * many_lines
+
+
 def valid_image_id(value: Any) -> bool:
     return isinstance(value, str) and _IMAGE_ID.match(value) is not None and ".." not in value
 
