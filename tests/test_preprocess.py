@@ -252,3 +252,82 @@ def test_photos_behind_links_out_of_the_image_root_are_refused(hostile, tmp_path
     assert rejected["outside_root"] == expect["photos"]["rejected"]["outside_root"] == 3
     assert not stored & expect["outside_ids"]
     assert any(p.is_symlink() for p in (root / "images").rglob("*.jpg"))  # the link inside the root is kept
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, list[str]]:
+    """Run ``tnlbt ARGS`` in this process: exit code, stdout, stderr lines."""
+    from tnlbt.cli import main
+
+    rc = main(args)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err.splitlines()
+
+
+def _truncated_copy(root: Path, dest: Path) -> tuple[Path, int]:
+    """The hostile layer files with layer1.json cut at two thirds (a broken download); returns its size."""
+    dest.mkdir()
+    for name in ("layer2.json", "det_ingrs.json"):
+        (dest / name).write_bytes((root / name).read_bytes())
+    whole = (root / "layer1.json").read_bytes()
+    (dest / "layer1.json").write_bytes(whole[: len(whole) * 2 // 3])
+    return dest, len(whole) * 2 // 3
+
+
+SMALL = ["data.min_word_count=1", "data.image_short_side=32", "data.rows_per_file=16"]
+
+
+def test_truncated_layer1_fails_in_one_line(hostile, tmp_path, capsys) -> None:
+    """Before: exit 0 with the first two thirds of the records. Now the driver stops before Ray starts."""
+    root, _ = hostile
+    data, size = _truncated_copy(root, tmp_path / "raw")
+    rc, _, err = _cli(["preprocess", "--data", str(data), "--out", str(tmp_path / "out"), *SMALL], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert f"{data / 'layer1.json'}: JSON error after " in err[0]
+    assert f"the file ends early, at byte {size:,}: parse error: premature EOF" in err[0]
+    assert "--allow-partial" in err[0]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+@pytest.mark.ray
+def test_allow_partial_keeps_the_records_before_the_error(ray_session, hostile, tmp_path, capsys) -> None:
+    from tnlbt.data.recipe1m import iter_json_array
+
+    root, _ = hostile
+    data, _ = _truncated_copy(root, tmp_path / "raw")
+    out = tmp_path / "out"
+    args = ["preprocess", "--data", str(data), "--images", str(root / "images"), "--out", str(out), *SMALL]
+    rc, text, err = _cli([*args[:7], "--allow-partial", *args[7:]], capsys)
+    assert rc == 0, err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["records"]["input"] == sum(1 for _ in iter_json_array(data / "layer1.json", []))
+    assert stats["records"]["balanced"] and stats["records"]["kept"] > 0 and (out / "_SUCCESS").is_file()
+    assert len(stats["parse_errors"]) == 1 and "ends early" in stats["parse_errors"][0]
+    assert "partial input kept: " in text
+
+
+def test_no_usable_recipe_fails_in_one_line(tmp_path, capsys) -> None:
+    """Before: exit 0 and an empty dataset, which only failed later, in training."""
+    data = tmp_path / "raw"
+    data.mkdir()
+    (data / "layer1.json").write_text(json.dumps([42, {"id": "x", "title": "t"}]))
+    (data / "layer2.json").write_text("[]")
+    rc, _, err = _cli(["preprocess", "--data", str(data), "--out", str(tmp_path / "out"), *SMALL], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "layer1.json: no usable recipe among 2 records (rejected: {'missing_field': 1, 'not_object': 1}" in err[0]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+@pytest.mark.ray
+def test_every_recipe_losing_its_photos_fails_in_one_line(ray_session, tmp_path, capsys) -> None:
+    data = tmp_path / "raw"
+    data.mkdir()
+    rec = {"id": "v1", "title": "Soup", "ingredients": [{"text": "water"}], "instructions": [{"text": "Boil."}],
+           "partition": "val"}
+    (data / "layer1.json").write_text(json.dumps([rec]))
+    (data / "layer2.json").write_text(json.dumps([{"id": "v1", "images": [{"id": "abcd000000.jpg"}]}]))
+    out = tmp_path / "out"
+    rc, _, err = _cli(["preprocess", "--data", str(data), "--out", str(out), *SMALL], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "no recipe kept: all 1 recipes that passed validation were dropped ({'no_valid_image': 1})" in err[0]
+    assert json.loads((out / "stats.json").read_text())["photos"]["rejected"] == {"missing_file": 1}
+    assert not (out / "_SUCCESS").exists()

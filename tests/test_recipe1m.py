@@ -251,3 +251,18 @@ def test_cap_text_cuts_and_names_each_limit() -> None:
     assert rec["instructions"] == ["Prehea", "Bake."]  # cut to 6 characters
     untouched = dict(rec)
     assert cap_text(rec, 300, 500, 50) == [] and rec == untouched
+
+
+def test_json_error_message_names_the_file_and_where(tmp_path) -> None:
+    text = json.dumps([{**GOOD, "id": f"r{i}"} for i in range(5)])
+    cases = {"cut.json": text[: len(text) * 3 // 4], "garbled.json": text.replace('"id": "r3"', '"id" "r3"')}
+    for name, data in cases.items():
+        (tmp_path / name).write_text(data)
+    errors: list[str] = []
+    assert len(list(iter_json_array(tmp_path / "cut.json", errors))) == 3
+    assert len(list(iter_json_array(tmp_path / "garbled.json", errors))) == 3
+    size = len(cases["cut.json"].encode())
+    assert errors[0] == f"{tmp_path / 'cut.json'}: JSON error after 3 items, the file ends early, at byte {size:,}: " \
+                        "parse error: premature EOF"
+    assert errors[1].startswith(f"{tmp_path / 'garbled.json'}: JSON error after 3 items, within its first ")
+    assert all("\n" not in e for e in errors)

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="redo finished work")
     p.add_argument("--num-cpus", type=int, default=0, help="logical CPUs for a local Ray (0 = all)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="keep the records before a JSON error (a truncated layer1.json) instead of failing; the "
+                   "error is listed in stats.json parse_errors")
     _add_config_args(p)
 
     p = sub.add_parser("train", help="large-batch data-parallel training on Ray Train",

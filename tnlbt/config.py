@@ -62,6 +62,7 @@ class DataConfig:
     max_title_chars: int = 300
     max_line_chars: int = 500  # each ingredient / instruction line
     max_lines: int = 50  # ingredient lines, and instruction lines, per recipe
+    allow_partial: bool = False  # keep the items before a JSON error (a truncated file) instead of failing
 
     def __post_init__(self) -> None:
         for name in ("max_title_tokens", "max_ingredients", "max_instructions", "max_line_tokens"):

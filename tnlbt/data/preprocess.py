@@ -280,6 +280,24 @@ def _example_id(obj: Any, index: int) -> str:
     return rid if isinstance(rid, str) and rid.strip() and rid.isprintable() else f"#{index}"
 
 
+class IncompleteInput(ValueError):
+    """An input file ends early or breaks part-way (a truncated download): fails unless data.allow_partial."""
+
+
+class EmptyOutput(ValueError):
+    """The input yields no recipe to keep: an empty dataset would only fail later, in training."""
+
+
+def _read_array(path: str, parse_errors: list[str], cfg: DataConfig) -> Iterator[Any]:
+    """The items of one input file. A JSON error part-way fails the run unless ``cfg.allow_partial``: keeping
+    the items before it would silently lose everything after (a truncated layer1.json used to exit 0)."""
+    before = len(parse_errors)
+    yield from iter_json_array(path, parse_errors, cfg.max_json_depth)
+    if len(parse_errors) > before and not cfg.allow_partial:
+        raise IncompleteInput(f"{parse_errors[-1]}. Replace the file, or pass --allow-partial "
+                              "(data.allow_partial=true) to keep the items before the error")
+
+
 def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str], cfg: DataConfig) -> dict[str, Any]:
     """Stage 1 (driver): stream layer2, det_ingrs and layer1 into shards; return counters and label counts.
 
@@ -297,7 +315,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
 
     layer2: dict[str, tuple[str, ...]] = {}
     l2 = Counter()
-    for obj in iter_json_array(layer2_path, parse_errors, cfg.max_json_depth):
+    for obj in _read_array(layer2_path, parse_errors, cfg):
         l2["entries"] += 1
         rid, ids = clean_layer2(obj)
         if rid is None:
@@ -312,7 +330,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     det: dict[str, bytes] = {}
     dc = Counter()
     if storage.isfile(det_path):
-        for obj in iter_json_array(det_path, parse_errors, cfg.max_json_depth):
+        for obj in _read_array(det_path, parse_errors, cfg):
             dc["entries"] += 1
             rid, det_names = clean_det_ingrs(obj)
             if rid is None:
@@ -338,7 +356,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     matched_l2 = 0
     writer = _ShardWriter(shard_dir, cfg.rows_per_file)
     try:
-        for index, obj in enumerate(iter_json_array(layer1, parse_errors, cfg.max_json_depth)):
+        for index, obj in enumerate(_read_array(layer1, parse_errors, cfg)):
             n_input += 1
             if n_input % 100_000 == 0:
                 log.info("layer1: %d records read, %d kept so far", n_input, len(seen))
@@ -629,8 +647,8 @@ def fingerprint(data_dir: str | os.PathLike[str], images_dir: str | os.PathLike[
             p = Path(data) / name
             st = p.stat() if p.is_file() else None
             parts[name] = [st.st_size, st.st_mtime_ns] if st else None
-    for key in ("preprocess_cpus", "raw_dir", "processed_dir", "image_root"):
-        parts["cfg"].pop(key, None)  # parallelism and paths given elsewhere do not change the output
+    for key in ("preprocess_cpus", "raw_dir", "processed_dir", "image_root", "allow_partial"):
+        parts["cfg"].pop(key, None)  # parallelism, paths given elsewhere, the partial-input consent: same output
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -702,6 +720,9 @@ def preprocess(
         storage.remove(storage.join(shard_dir, old))
     raw = read_raw(data_dir, shard_dir, cfg)
     t_read = time.perf_counter() - t0
+    if raw["kept_before_photos"] == 0:
+        raise EmptyOutput(f"{layer1}: no usable recipe among {raw['records_input']} records (rejected: "
+                          f"{raw['rejected']['counts'] or 'none'}; dropped: {raw['dropped']['counts'] or 'none'})")
     log.info("read %d records -> %d shards in %.1fs", raw["records_input"], len(raw["shards"]), t_read)
 
     from tnlbt.ray_init import ensure_ray
@@ -774,6 +795,9 @@ def preprocess(
     stats["fingerprint"] = fp
     stats["data_dir"], stats["images_dir"] = data_dir, img_root
     storage.write_text(storage.join(out_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
+    if stats["records"]["kept"] == 0:  # every val/test recipe lost its photos: stats.json says which way
+        raise EmptyOutput(f"no recipe kept: all {raw['kept_before_photos']} recipes that passed validation were "
+                          f"dropped ({stats['records']['dropped']}); see {storage.join(out_dir, 'stats.json')}")
     config = {"data": dataclasses.asdict(cfg), "data_dir": data_dir, "images_dir": img_root,
               "pipeline_version": PIPELINE_VERSION}
     storage.write_text(storage.join(out_dir, "config.json"), json.dumps(config, indent=2) + "\n")
@@ -853,6 +877,8 @@ def cli_preprocess(args: argparse.Namespace) -> int:
     from tnlbt.config import Config
 
     cfg = Config.load(args.config, args.overrides).data
+    if args.allow_partial:
+        cfg = dataclasses.replace(cfg, allow_partial=True)
     stats = preprocess(args.data, args.out, cfg, images_dir=args.images or None, overwrite=args.overwrite,
                        num_cpus=args.num_cpus)
     rec, ph = stats["records"], stats["photos"]
@@ -867,6 +893,8 @@ def cli_preprocess(args: argparse.Namespace) -> int:
           f"kept with text cut: {rec.get('truncated') or 'none'}", file=out)
     print(f"photos: {ph['listed']} listed, {ph['ok']} ok, rejected {ph['rejected'] or 'none'}, "
           f"{ph['unused_over_limit']} over the per-recipe limit", file=out)
+    for err in stats.get("parse_errors", []):  # accepted with --allow-partial
+        print(f"partial input kept: {err}", file=out)
     print(f"vocab {stats['vocab']['size']} tokens, {stats['ingredients']['size']} ingredient labels; "
           f"output in {args.out} ({stats['timings']['total_s']:.1f}s)", file=out)
     return 0

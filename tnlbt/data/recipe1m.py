@@ -120,11 +120,13 @@ class Utf8Sanitizer:
         self._carry = ""
         self._first = True
         self._eof = False
+        self.bytes_read = 0  # from the raw source: where a parse error happened, at most a chunk or two on
 
     def _fill(self) -> None:
         # Loop: a chunk can end inside a multi-byte character, decode to "" and must not look like EOF.
         while not self._pending and not self._eof:
             data = self._raw.read(self._chunk)
+            self.bytes_read += len(data)
             if not data:
                 self._eof = True
             text = self._carry + self._decoder.decode(data, final=self._eof)
@@ -137,6 +139,11 @@ class Utf8Sanitizer:
             if "\\u" in text:
                 text = _SURROGATE_ESCAPE.sub(_fix_surrogate_escape, text)
             self._pending = text.encode("utf-8")
+
+    @property
+    def at_eof(self) -> bool:
+        """The raw source has been read to its end."""
+        return self._eof
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
@@ -333,7 +340,8 @@ def iter_json_array(
     ``source`` is a local path, a URI (``s3://bucket/layer1.json``, read as one stream through
     :mod:`tnlbt.storage`), or an open binary stream (read from its current position and left open).
     A source that is not a JSON array raises ``ValueError``; a syntax error part-way ends the iteration and is
-    appended to ``errors`` (or logged) instead of raising, so the records read so far are kept. An item nested
+    appended to ``errors`` (one line: the source, the items before it, the byte offset, the parser's reason) and
+    logged instead of raising, so the records read so far are kept; the caller decides. An item nested
     more than ``max_depth`` levels (itself being level 1) is yielded as :class:`TooDeep`, its deep part never
     having reached the parser (see :class:`JsonDepthGuard`).
     """
@@ -345,7 +353,6 @@ def iter_json_array(
     else:
         label = os.fspath(source)  # type: ignore[arg-type]
         raw_cm = open_binary(label)
-    name = label.rstrip("/").rsplit("/", 1)[-1]
     with raw_cm as raw:
         f = Utf8Sanitizer(raw)
         first = f.peek_first_byte()
@@ -361,7 +368,13 @@ def iter_json_array(
                 n += 1
                 yield item
         except (ijson.JSONError, UnicodeDecodeError) as e:  # IncompleteJSONError is a JSONError
-            msg = f"{name}: JSON error after {n} items, rest of file skipped: {str(e)[:200]}"
+            # One line (yajl adds the text around the error on more lines) naming the place: a truncated file
+            # (a broken download) ends early; other damage lies within the bytes read so far.
+            reason = str(e).strip().split("\n", 1)[0][:200]
+            ended = f.at_eof and ("premature EOF" in reason or "Incomplete" in reason)
+            where = (f"the file ends early, at byte {f.bytes_read:,}" if ended
+                     else f"within its first {f.bytes_read:,} bytes")
+            msg = f"{label}: JSON error after {n} items, {where}: {reason}"
             log.warning(msg)
             if errors is not None:
                 errors.append(msg)
