@@ -262,7 +262,7 @@ def test_json_error_message_names_the_file_and_where(tmp_path) -> None:
     assert len(list(iter_json_array(tmp_path / "cut.json", errors))) == 3
     assert len(list(iter_json_array(tmp_path / "garbled.json", errors))) == 3
     size = len(cases["cut.json"].encode())
-    assert errors[0] == f"{tmp_path / 'cut.json'}: JSON error after 3 items, the file ends early, at byte {size:,}: " \
+    assert errors[0] == f"cut.json: JSON error after 3 items, the file ends early, at byte {size:,}: " \
                         "parse error: premature EOF"
-    assert errors[1].startswith(f"{tmp_path / 'garbled.json'}: JSON error after 3 items, within its first ")
+    assert errors[1].startswith("garbled.json: JSON error after 3 items, within its first ")
     assert all("\n" not in e for e in errors)

@@ -294,8 +294,9 @@ def _read_array(path: str, parse_errors: list[str], cfg: DataConfig) -> Iterator
     before = len(parse_errors)
     yield from iter_json_array(path, parse_errors, cfg.max_json_depth)
     if len(parse_errors) > before and not cfg.allow_partial:
-        raise IncompleteInput(f"{parse_errors[-1]}. Replace the file, or pass --allow-partial "
-                              "(data.allow_partial=true) to keep the items before the error")
+        where = path + parse_errors[-1].removeprefix(_name(path))  # the message with the whole path
+        raise IncompleteInput(f"{where}. Replace the file, or pass --allow-partial (data.allow_partial=true) "
+                              "to keep the items before the error")
 
 
 def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str], cfg: DataConfig) -> dict[str, Any]:

@@ -340,7 +340,7 @@ def iter_json_array(
     ``source`` is a local path, a URI (``s3://bucket/layer1.json``, read as one stream through
     :mod:`tnlbt.storage`), or an open binary stream (read from its current position and left open).
     A source that is not a JSON array raises ``ValueError``; a syntax error part-way ends the iteration and is
-    appended to ``errors`` (one line: the source, the items before it, the byte offset, the parser's reason) and
+    appended to ``errors`` (one line: the file name, the items before it, the byte offset, the parser's reason) and
     logged instead of raising, so the records read so far are kept; the caller decides. An item nested
     more than ``max_depth`` levels (itself being level 1) is yielded as :class:`TooDeep`, its deep part never
     having reached the parser (see :class:`JsonDepthGuard`).
@@ -353,6 +353,7 @@ def iter_json_array(
     else:
         label = os.fspath(source)  # type: ignore[arg-type]
         raw_cm = open_binary(label)
+    name = label.rstrip("/").rsplit("/", 1)[-1]
     with raw_cm as raw:
         f = Utf8Sanitizer(raw)
         first = f.peek_first_byte()
@@ -374,7 +375,7 @@ def iter_json_array(
             ended = f.at_eof and ("premature EOF" in reason or "Incomplete" in reason)
             where = (f"the file ends early, at byte {f.bytes_read:,}" if ended
                      else f"within its first {f.bytes_read:,} bytes")
-            msg = f"{label}: JSON error after {n} items, {where}: {reason}"
+            msg = f"{name}: JSON error after {n} items, {where}: {reason}"
             log.warning(msg)
             if errors is not None:
                 errors.append(msg)
