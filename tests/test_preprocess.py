@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -331,3 +333,77 @@ def test_every_recipe_losing_its_photos_fails_in_one_line(ray_session, tmp_path,
     assert "no recipe kept: all 1 recipes that passed validation were dropped ({'no_valid_image': 1})" in err[0]
     assert json.loads((out / "stats.json").read_text())["photos"]["rejected"] == {"missing_file": 1}
     assert not (out / "_SUCCESS").exists()
+
+
+class _FullDisk(io.RawIOBase):
+    """An output stream on a disk that fills up after ``room`` bytes (what the shard writer sees)."""
+
+    def __init__(self, inner, room: int):
+        self.inner, self.room = inner, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.inner.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.inner.write(data)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+@pytest.mark.ray
+def test_full_disk_is_one_line_and_the_same_command_completes_later(
+    ray_session, hostile, tmp_path, capsys, monkeypatch
+) -> None:
+    """Before: a 20-line traceback. Now: exit 1 and one line, whether the disk fills in the driver (shards),
+    in a Ray task (a Parquet part: a real ENOSPC from /dev/full) or at the last file (_SUCCESS); nothing
+    half-written is left under a final name, and the same command completes once there is space again."""
+    from tnlbt import storage
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    root, expect = hostile
+    out = tmp_path / "out"
+    args = ["preprocess", "--data", str(root), "--out", str(out), *SMALL]
+
+    def assert_failed_in_one_line(*names: str) -> None:
+        rc, _, err = _cli(args, capsys)
+        assert rc == 1 and len(err) == 1, err
+        assert err[0].startswith("tnlbt preprocess: out of disk space (") and "run the same command again" in err[0]
+        assert all(n in err[0] for n in names), err[0]
+        assert not (out / "_SUCCESS").exists()
+        assert not [p for p in out.rglob("*.tmp")], "a failed write left its temp file"
+
+    real_open = storage.open_output
+    monkeypatch.setattr(storage, "open_output", lambda uri: _FullDisk(real_open(uri), 100)
+                        if "/_work/shards/" in str(uri) else real_open(uri))
+    assert_failed_in_one_line("No space left on device")  # the driver, writing the first JSONL shard
+    monkeypatch.undo()
+
+    # The rerun resumes (same fingerprint: nothing is cleaned), so this link stays where the task writes.
+    part_tmp = out / "train" / ".part-p00000.parquet.tmp"
+    part_tmp.parent.mkdir(parents=True, exist_ok=True)
+    part_tmp.symlink_to("/dev/full")
+    assert_failed_in_one_line("part-p00000.parquet", "No space left on device")
+    assert not part_tmp.is_symlink() and not (out / "train" / "part-p00000.parquet").exists()
+    assert list((out / "_work" / "done").glob("*.json")), "the parts that were written are marked done"
+
+    (out / "_SUCCESS.tmp").symlink_to("/dev/full")  # the very last write
+    assert_failed_in_one_line()
+    assert (out / "stats.json").is_file() and (out / "_work").is_dir()  # resumable from the done markers
+
+    rc, _, err = _cli(args, capsys)
+    assert rc == 0, err
+    stats = json.loads((out / "stats.json").read_text())
+    rec, ph = stats["records"], stats["photos"]
+    assert (rec["input"], rec["rejected"], rec["dropped"]) == (expect["input"], expect["rejected"], expect["dropped"])
+    assert ph["ok"] == expect["photos"]["ok"] and ph["rejected"] == expect["photos"]["rejected"]
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*/part-*.parquet"))
+    assert rows == rec["kept"] == len(expect["kept_ids"])
+    assert (out / "_SUCCESS").is_file() and not (out / "_work").exists() and not list(out.rglob("*.tmp"))

@@ -32,6 +32,13 @@ Decisions (also in stats.json):
   DataConfig, pipeline version); the same fingerprint skips all work, a different one asks for
   ``--overwrite``. The photo files themselves are not fingerprinted (887k files): use ``--overwrite`` after
   changing images in place.
+* Broken input fails the run in one line (``IncompleteInput``, ``EmptyOutput``; exit 2): a JSON error part-way
+  through a layer file (a truncated download; ``--allow-partial`` / ``data.allow_partial`` keeps the items
+  before it and lists the error in ``parse_errors``), or no recipe left to keep.
+* A full disk (ENOSPC, EDQUOT) anywhere, driver or task, ends the run with one line and exit 1. Nothing half
+  written is taken as complete: a part is a tmp file, fsynced, renamed; its done marker comes after it;
+  ``_SUCCESS`` (atomic) after every output, and ``_work`` is removed only after that, so the same command
+  resumes from the markers once there is space.
 
 Remote storage: ``--data``, ``--images`` and ``--out`` may each be a local folder or a URI (``s3://bucket/x``,
 ``gs://...``; anything :mod:`tnlbt.storage` resolves), in any mix. Everything is read and written through
@@ -57,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -119,19 +127,59 @@ def _stem(uri: str | os.PathLike[str]) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def _write_marker(uri: str, text: str) -> None:
-    """Write a small file so that it is never seen half-written.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
-    Local: tmp file + ``os.replace`` (as before). Remote: one object written from memory in one stream; object
-    stores publish it only when the stream completes (no rename exists there, none is needed).
+
+def out_of_space(e: BaseException | None) -> OSError | None:
+    """The "no space left" (or quota) error in ``e`` or in the exceptions it was raised from or during, if any.
+
+    Chained: a failed write is often followed by a failed close in a ``finally``, which then carries the first.
+    """
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _one_line(e: OSError) -> str:
+    text = " ".join(str(x) for x in (e.strerror or e, e.filename) if x)
+    return text.splitlines()[0][:300] if text else "no space left on device"
+
+
+def _fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a finished local file before it is renamed into place: a write error that a filesystem reports
+    only at writeback (a full NFS or FUSE disk) is raised here, instead of a short file under a final name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_marker(uri: str, text: str) -> None:
+    """Write a small file so that it is never seen half-written (done markers, ``_SUCCESS``).
+
+    Local: tmp file, fsync, ``os.replace``; a failed write (a full disk) removes the tmp file and leaves no
+    marker. Remote: one object written from memory in one stream; object stores publish it only when the
+    stream completes (no rename exists there, none is needed).
     """
     lp = storage.local_path(uri)
     if lp is None:
         storage.write_text(uri, text)
         return
     tmp = Path(lp).with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, lp)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, lp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _upload_file(local_file: str | os.PathLike[str], uri: str) -> None:
@@ -581,9 +629,14 @@ def process_shard(
                 writer.close()
         if writer is not None:
             if final is not None:
+                _fsync(tmp)
                 os.replace(tmp, final)  # atomic: a file named part-* is always complete
             else:
                 _upload_file(tmp, out_uri)  # one object, visible only complete
+    except BaseException:
+        if tmp is not None:  # a failed part (a full disk): its tmp file would only hold on to space
+            tmp.unlink(missing_ok=True)
+        raise
     finally:
         if final is None and tmp is not None:
             tmp.unlink(missing_ok=True)  # remote output: the local temp copy, uploaded or not
@@ -619,10 +672,19 @@ def _process_batch(
         if storage.isfile(done):  # finished by an earlier, interrupted run with the same fingerprint
             results.append(storage.read_text(done))
             continue
-        res = process_shard(shard, _out_file(out_dir, shard), vocab=vocab, ingredients=ingredients,
-                            cfg=cfg, images_dir=images_dir, shard_bytes=data)
-        text = json.dumps(res)
-        _write_marker(done, text)
+        out_file = _out_file(out_dir, shard)
+        try:
+            res = process_shard(shard, out_file, vocab=vocab, ingredients=ingredients, cfg=cfg,
+                                images_dir=images_dir, shard_bytes=data)
+            text = json.dumps(res)
+            _write_marker(done, text)  # after the part is in place: a marker always names a complete part
+        except OSError as e:
+            full = out_of_space(e)
+            if full is None:
+                raise
+            # Reported, not raised: the driver ends the run with one line instead of a remote traceback, and
+            # a rerun redoes only the shards without a marker.
+            text = json.dumps({"shard": _name(shard), "out_of_space": f"{out_file}: {_one_line(full)}"})
         results.append(text)
     return {"result": results}
 
@@ -775,6 +837,9 @@ def preprocess(
                 **_task_remote_args(),
             )
             results = [json.loads(row["result"]) for row in out.iter_rows()]
+            full = [r["out_of_space"] for r in results if "out_of_space" in r]
+            if full:
+                raise OSError(errno.ENOSPC, f"{len(full)} of {len(results)} parts not written, e.g. {full[0]}")
         t_process = time.perf_counter() - t0
         # Files left by an interrupted run whose shards were cut differently are not part of this output.
         wanted = {(r["split"], r["file"]) for r in results if r["file"]}
@@ -802,6 +867,9 @@ def preprocess(
     config = {"data": dataclasses.asdict(cfg), "data_dir": data_dir, "images_dir": img_root,
               "pipeline_version": PIPELINE_VERSION}
     storage.write_text(storage.join(out_dir, "config.json"), json.dumps(config, indent=2) + "\n")
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # Atomic, and before _work goes: a run that cannot write it (a full disk) resumes from the done markers.
+    _write_marker(success, json.dumps({"fingerprint": fp, "finished": finished}) + "\n")
     # the shards duplicate layer1's text; done markers are in stats
     if storage.is_remote(work):
         try:
@@ -810,8 +878,6 @@ def preprocess(
             log.warning("could not remove %s (%s); it is safe to delete", work, e)
     else:
         shutil.rmtree(work, ignore_errors=True)
-    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    storage.write_text(success, json.dumps({"fingerprint": fp, "finished": finished}) + "\n")
     return stats
 
 
@@ -880,8 +946,16 @@ def cli_preprocess(args: argparse.Namespace) -> int:
     cfg = Config.load(args.config, args.overrides).data
     if args.allow_partial:
         cfg = dataclasses.replace(cfg, allow_partial=True)
-    stats = preprocess(args.data, args.out, cfg, images_dir=args.images or None, overwrite=args.overwrite,
-                       num_cpus=args.num_cpus)
+    try:
+        stats = preprocess(args.data, args.out, cfg, images_dir=args.images or None, overwrite=args.overwrite,
+                           num_cpus=args.num_cpus)
+    except OSError as e:
+        full = out_of_space(e)
+        if full is None or args.verbose:
+            raise
+        print(f"tnlbt preprocess: out of disk space ({_one_line(full)}); free space under {args.out} and run the "
+              "same command again: finished parts are kept and reused", file=sys.stderr)
+        return 1
     rec, ph = stats["records"], stats["photos"]
     out = sys.stdout
     if stats.get("skipped"):
