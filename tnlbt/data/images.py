@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -131,11 +132,41 @@ def decode_image(
     return ImageResult(out.getvalue(), None, fmt, mode)
 
 
-def inside_root(path: str | os.PathLike[str], root: str) -> str | None:
-    """``path`` with every symlink resolved if that lies under ``root`` (itself resolved: ``os.path.realpath``),
-    else ``None``. Links that stay inside the root (a shared photo linked from two recipes) are fine."""
-    real = os.path.realpath(path)
-    return real if real == root or real.startswith(os.path.join(root, "")) else None
+def _under(real: str, root: str) -> bool:
+    return real == root or real.startswith(os.path.join(root, ""))
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The real path of the file open as ``fd``: what the kernel opened, every link followed (Linux), so the
+    check is on the very file that is read; elsewhere ``os.path.realpath`` (which a swapped link could race)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _read_local(path: Path, root: str | None) -> bytes | ImageResult:
+    try:
+        # O_NONBLOCK: a link to a FIFO must not hang the task in open() (it is refused below, not read)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:  # also a dangling link
+        return ImageResult(None, "missing_file")
+    except OSError as e:
+        return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+    try:
+        if root is not None and not _under(_opened_path(fd, path), root):
+            return ImageResult(None, "outside_root")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a folder or a device is not a photo either
+            return ImageResult(None, "missing_file")
+        if st.st_size == 0:
+            return ImageResult(None, "empty_file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+    finally:
+        os.close(fd)
 
 
 def read_image_bytes(
@@ -147,28 +178,16 @@ def read_image_bytes(
     that reads thousands of photos resolves the image root once. Otherwise ``path`` is a local path or a URI
     resolved through :mod:`tnlbt.storage`. Any I/O error (a missing object, a lost connection, a permission
     error) becomes a named reason: one bad photo is a counted skip, never the end of a preprocessing task.
-    ``root`` (local paths; resolved with ``os.path.realpath`` by the caller, once): a photo that resolves
-    outside it is ``outside_root`` and not read; object stores have no links, so it does not apply to them.
+    ``root`` (local paths; resolved with ``os.path.realpath`` by the caller, once): a photo whose file, links
+    followed, lies outside it is ``outside_root`` and not read; links within the root are fine. Object stores
+    have no links, so it does not apply to them.
     """
     if filesystem is None:
         s = os.fspath(path)
         from tnlbt import storage
 
         if not storage.is_remote(s):
-            p = Path(storage.local_path(s) or s)
-            if root is not None:
-                real = inside_root(p, root)
-                if real is None:
-                    return ImageResult(None, "outside_root")
-                p = Path(real)  # read the file that was checked, not the link again
-            try:
-                if not p.is_file():
-                    return ImageResult(None, "missing_file")
-                if p.stat().st_size == 0:
-                    return ImageResult(None, "empty_file")
-                return p.read_bytes()
-            except OSError as e:
-                return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+            return _read_local(Path(storage.local_path(s) or s), root)
         filesystem, path = storage.resolve(s)
     import pyarrow.fs as pafs
 

@@ -450,7 +450,7 @@ def cap_text(rec: dict[str, Any], max_title_chars: int, max_line_chars: int, max
         lines = rec[key]
         if len(lines) > max_lines:
             lines, many_lines = lines[:max_lines], True
-        if any(len(line) > max_line_chars for line in lines):
+        if lines and max(map(len, lines)) > max_line_chars:
             lines, long_line = [line[:max_line_chars].rstrip() for line in lines], True
         rec[key] = lines
     return cuts + ["long_line"] * long_line + ["many_lines"] * many_lines
