@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import struct
 import zlib
@@ -127,11 +128,13 @@ class CorpusBuilder:
             "input": 0,
             "rejected": Counter(),
             "dropped": Counter(),
+            "truncated": {},  # kept records whose stored text is cut, by limit (default DataConfig limits)
             "splits": {s: Counter() for s in ("train", "val", "test")},
             "photos": {"listed": 0, "ok": 0, "unused_over_limit": 0, "rejected": Counter()},
             "formats": Counter(),
             "kept_ids": set(),
             "paired_ids": set(),
+            "outside_ids": set(),  # photos behind a symlink out of the image root (links=True)
         }
 
     def _text(self, k: int) -> list[str]:
@@ -162,15 +165,18 @@ class CorpusBuilder:
         expect: bool = True,
         image_entries: list[Any] | None = None,
         title: str | None = None,
+        ingredients: list[str] | None = None,
+        instructions: list[str] | None = None,
     ) -> dict[str, Any]:
         rid = rid or self._next_id()
         title = title or f"{self.rng.choice(WORDS).title()} {self.rng.choice(WORDS)} bake"
         rec = {
             "id": rid,
             "title": title,
-            "ingredients": [{"text": t} for t in self._text(self.rng.randint(2, 5))],
+            "ingredients": [{"text": t} for t in ingredients or self._text(self.rng.randint(2, 5))],
             "instructions": [
-                {"text": f"Mix the {w} well. Bake 20 minutes."} for w in self.rng.sample(WORDS, 3)
+                {"text": t}
+                for t in instructions or [f"Mix the {w} well. Bake 20 minutes." for w in self.rng.sample(WORDS, 3)]
             ],
             "partition": split,
             "url": f"http://example.com/{rid}",
@@ -186,9 +192,10 @@ class CorpusBuilder:
         entries = []
         for kind in photos:
             iid = f"{self.rng.getrandbits(40):010x}.jpg"
-            data = _photo_bytes(kind, self.rng)
-            if data is not None:
-                path = self.root / "images" / split / iid[0] / iid[1] / iid[2] / iid[3] / iid
+            path = self.root / "images" / split / iid[0] / iid[1] / iid[2] / iid[3] / iid
+            if kind.startswith(("outside_root", "link_")):
+                self._link(kind, path)
+            elif (data := _photo_bytes(kind, self.rng)) is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             entries.append({"id": iid, "url": f"http://example.com/{iid}", "_kind": kind})
@@ -202,6 +209,25 @@ class CorpusBuilder:
         if expect:
             self._expect_recipe(rid, split, entries)
         return rec
+
+    def _link(self, kind: str, path: Path) -> None:
+        """A good JPEG reached through a symlink: out of the image root (file or folder link) or inside it."""
+        data = _photo_bytes("jpeg_ok", self.rng) or b""
+        if kind == "link_inside_ok":  # a relative link to a photo elsewhere in the tree: allowed
+            target = self.root / "images" / "shared" / path.name
+        elif kind == "outside_root":  # the photo itself links to a file next to the image root
+            target = self.root / "outside" / path.name
+        else:  # "outside_root:dir": the folder above the photo links out of the root
+            target = self.root / "outside" / f"dir-{path.name}" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        if kind == "outside_root:dir":
+            path.parent.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.symlink_to(target.parent, target_is_directory=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(os.path.relpath(target, path.parent))
+        self.expect["outside_ids"] |= {path.name} if kind.startswith("outside_root") else set()
 
     def _expect_recipe(self, rid: str, split: str, entries: list[Any]) -> None:
         ph, kept = self.expect["photos"], 0
@@ -220,7 +246,7 @@ class CorpusBuilder:
                 kept += 1
                 ph["ok"] += 1
             else:
-                ph["rejected"][kind] += 1
+                ph["rejected"][kind.split(":")[0]] += 1  # "outside_root:dir" is counted as outside_root
         if not entries and split != "train":
             self.expect["dropped"]["no_image_eval"] += 1
         elif kept == 0 and split != "train":
@@ -243,8 +269,12 @@ class CorpusBuilder:
         return e
 
 
-def write_hostile_corpus(root: str | Path, seed: int = 0) -> dict[str, Any]:
-    """Write the corpus under ``root``; return the exact expected counts (see CorpusBuilder.expect)."""
+def write_hostile_corpus(root: str | Path, seed: int = 0, *, links: bool = False) -> dict[str, Any]:
+    """Write the corpus under ``root``; return the exact expected counts (see CorpusBuilder.expect).
+
+    ``links``: also photos behind symlinks (two out of the image root, one inside it). Off by default because
+    copying the corpus to an object store (``storage.upload_dir``) follows links and turns them into plain files.
+    """
     b = CorpusBuilder(Path(root), seed)
     ok = "jpeg_ok"
     # Valid recipes: train paired / recipe-only, val and test paired.
@@ -264,6 +294,14 @@ def write_hostile_corpus(root: str | Path, seed: int = 0) -> dict[str, Any]:
     b.recipe("train", ["missing_file", ok, "empty_file"])
     b.recipe("test", ["truncated", "corrupt", ok])
     b.recipe("train", ["too_large", "too_small", "extreme_aspect", ok])
+    if links:  # a photo behind a link out of the root is refused; a link within the root is fine
+        b.recipe("train", ["outside_root", "link_inside_ok", "outside_root:dir"])
+        b.recipe("val", ["outside_root"])  # its only photo refused: dropped as no_valid_image
+    # Oversized text is kept but cut to DataConfig's limits (300-char title, 50 lines of 500 chars per list).
+    long_line = " ".join(b.rng.choice(WORDS) for _ in range(1500))
+    b.recipe("train", [ok], rid="long1", title="Tomato " * 20_000, ingredients=[long_line, *b._text(119)],
+             instructions=[f"Stir the {w}." for w in WORDS * 4])
+    b.expect["truncated"] = {"long_title": 1, "long_line": 1, "many_lines": 1}
     # Photo limit: 7 good photos, 5 kept, 2 unused.
     b.recipe("train", [ok] * 7)
     # A train recipe whose photos all fail -> recipe-only row; val/test ones are dropped.
@@ -389,6 +427,11 @@ def write_hostile_corpus(root: str | Path, seed: int = 0) -> dict[str, Any]:
         b'"instructions": [{"text": "b"}], "partition": "train"}',
         "invalid_utf8",
     )
+    # Nested 1,000 levels deep in a field nobody reads (the parser's memory grows with depth squared): rejected
+    # before the parser sees the deep part, the records around it unaffected.
+    deep = json.dumps({"id": "d1", "title": "t", "ingredients": [{"text": "a"}], "instructions": [{"text": "b"}],
+                       "partition": "train", "extra": None})
+    b.raw(deep.replace("null", "[" * 1000 + "]" * 1000).encode(), "too_deep")
     # A valid record after all that, with non-ASCII text and an emoji escape pair: must be kept.
     b.layer1.append(
         json.dumps(

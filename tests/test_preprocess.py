@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -24,7 +26,7 @@ CFG = DataConfig(
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("hostile")
-    return root, write_hostile_corpus(root)
+    return root, write_hostile_corpus(root, links=True)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,13 @@ def test_driver_stage_counts_without_ray(hostile, tmp_path) -> None:
         "orphans": 1,
     }
     assert raw["parse_errors"] == []
+    assert raw["truncated"]["counts"] == expect["truncated"]
+    records = [json.loads(line) for s in raw["shards"] for line in Path(s).read_text().splitlines()]
+    long1 = next(r for r in records if r["id"] == "long1")
+    assert long1["title"] == ("Tomato " * 43).strip() and len(long1["ingredients"]) == 50
+    assert len(long1["instructions"]) == 50 and len(long1["ingredients"][0]) <= 500
+    assert all(len(r["title"]) <= 300 and all(len(x) <= 500 for x in r["ingredients"] + r["instructions"])
+               for r in records)
     per_shard = [len(Path(s).read_text().splitlines()) for s in raw["shards"]]
     assert sum(per_shard) == raw["kept_before_photos"]
     assert max(per_shard) <= CFG.rows_per_file
@@ -74,6 +83,7 @@ def test_hostile_counts_are_exact(processed) -> None:
     assert rec["rejected"] == expect["rejected"]
     assert rec["dropped"] == expect["dropped"]
     assert rec["kept"] + sum(rec["rejected"].values()) + sum(rec["dropped"].values()) == rec["input"]
+    assert rec["truncated"] == expect["truncated"] and rec["examples"]["long_title"] == ["long1"]
     assert rec["balanced"] and ph["balanced"]
     assert {k: ph[k] for k in ("listed", "ok", "unused_over_limit")} == {
         k: expect["photos"][k] for k in ("listed", "ok", "unused_over_limit")
@@ -116,6 +126,9 @@ def test_parquet_schema_and_rows(processed) -> None:
                     img = decode_rgb(row["images"][0])
                     assert img.mode == "RGB" and min(img.size) == CFG.image_short_side
                 assert row["title_ids"][0] == START_ID and len(row["title_ids"]) <= CFG.max_title_tokens
+                assert len(row["title"]) <= CFG.max_title_chars
+                assert len(row["ingredients"]) <= CFG.max_lines and len(row["instructions"]) <= CFG.max_lines
+                assert all(len(x) <= CFG.max_line_chars for x in row["ingredients"] + row["instructions"])
                 assert 1 <= len(row["ingredient_ids"]) <= CFG.max_ingredients
                 assert all(0 < t < len(vocab) for line in row["instruction_ids"] for t in line)
                 assert all(0 <= k < n_labels for k in row["ingredient_labels"])
@@ -188,6 +201,8 @@ def test_rebalance_small_corpus_keeps_every_line(tmp_path) -> None:
     assert sorted(lines) == list(range(110)) and len(out) == 5  # 28-row shards: 4 train + 1 val
     assert all(Path(s).name.split("-")[0] == ("val" if "val" in s else "train") for s in out)
     assert rebalance_shards(out, tmp_path, min_shards=2) == out  # enough shards: untouched
+    capped = rebalance_shards(out[:1], tmp_path, min_shards=4, min_rows=32, max_rows=16)  # 28 train rows
+    assert [len(Path(s).read_text().splitlines()) for s in capped] == [16, 12]  # never above rows_per_file
 
 
 def test_shard_task_resumes_from_done_marker(hostile, tmp_path) -> None:
@@ -218,3 +233,177 @@ def test_shard_task_resumes_from_done_marker(hostile, tmp_path) -> None:
         fh.write(Path(shard).read_text().splitlines(keepends=True)[0])
     third = json.loads(_process_batch({"path": [shard]}, **kwargs)["result"][0])
     assert part.exists() and sum(third["rows"].values()) == sum(first["rows"].values()) + 1
+
+
+def test_photos_behind_links_out_of_the_image_root_are_refused(hostile, tmp_path) -> None:
+    """Every shard through the task function (no Ray): links out of images/ are counted, never stored."""
+    from tnlbt.data.preprocess import process_shard
+    from tnlbt.data.vocab import IngredientVocab
+
+    root, expect = hostile
+    assert len(expect["outside_ids"]) == 3 and all((root / "outside").rglob("*.jpg"))
+    raw = read_raw(root, tmp_path / "shards", CFG)
+    rejected, stored = Counter(), set()
+    for shard in raw["shards"]:
+        out = tmp_path / "out" / f"{Path(shard).stem}.parquet"
+        res = process_shard(shard, out, vocab=build_vocab(Counter(a=1), 1), ingredients=IngredientVocab([]),
+                            cfg=CFG, images_dir=str(root / "images"))
+        rejected.update(res["photos"]["rejected"]["counts"])
+        if out.exists():
+            stored |= {i for row in pq.read_table(out, columns=["image_ids"]).to_pylist() for i in row["image_ids"]}
+    assert rejected["outside_root"] == expect["photos"]["rejected"]["outside_root"] == 3
+    assert not stored & expect["outside_ids"]
+    assert any(p.is_symlink() for p in (root / "images").rglob("*.jpg"))  # the link inside the root is kept
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, list[str]]:
+    """Run ``tnlbt ARGS`` in this process: exit code, stdout, stderr lines."""
+    from tnlbt.cli import main
+
+    rc = main(args)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err.splitlines()
+
+
+def _truncated_copy(root: Path, dest: Path) -> tuple[Path, int]:
+    """The hostile layer files with layer1.json cut at two thirds (a broken download); returns its size."""
+    dest.mkdir()
+    for name in ("layer2.json", "det_ingrs.json"):
+        (dest / name).write_bytes((root / name).read_bytes())
+    whole = (root / "layer1.json").read_bytes()
+    (dest / "layer1.json").write_bytes(whole[: len(whole) * 2 // 3])
+    return dest, len(whole) * 2 // 3
+
+
+SMALL = ["data.min_word_count=1", "data.image_short_side=32", "data.rows_per_file=16"]
+
+
+def test_truncated_layer1_fails_in_one_line(hostile, tmp_path, capsys) -> None:
+    """Before: exit 0 with the first two thirds of the records. Now the driver stops before Ray starts."""
+    root, _ = hostile
+    data, size = _truncated_copy(root, tmp_path / "raw")
+    rc, _, err = _cli(["preprocess", "--data", str(data), "--out", str(tmp_path / "out"), *SMALL], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert f"{data / 'layer1.json'}: JSON error after " in err[0]
+    assert f"the file ends early, at byte {size:,}: parse error: premature EOF" in err[0]
+    assert "--allow-partial" in err[0]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+@pytest.mark.ray
+def test_allow_partial_keeps_the_records_before_the_error(ray_session, hostile, tmp_path, capsys) -> None:
+    from tnlbt.data.recipe1m import iter_json_array
+
+    root, _ = hostile
+    data, _ = _truncated_copy(root, tmp_path / "raw")
+    out = tmp_path / "out"
+    args = ["preprocess", "--data", str(data), "--images", str(root / "images"), "--out", str(out), *SMALL]
+    rc, text, err = _cli([*args[:7], "--allow-partial", *args[7:]], capsys)
+    assert rc == 0, err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["records"]["input"] == sum(1 for _ in iter_json_array(data / "layer1.json", []))
+    assert stats["records"]["balanced"] and stats["records"]["kept"] > 0 and (out / "_SUCCESS").is_file()
+    assert len(stats["parse_errors"]) == 1 and "ends early" in stats["parse_errors"][0]
+    assert "partial input kept: " in text
+
+
+def test_no_usable_recipe_fails_in_one_line(tmp_path, capsys) -> None:
+    """Before: exit 0 and an empty dataset, which only failed later, in training."""
+    data = tmp_path / "raw"
+    data.mkdir()
+    (data / "layer1.json").write_text(json.dumps([42, {"id": "x", "title": "t"}]))
+    (data / "layer2.json").write_text("[]")
+    rc, _, err = _cli(["preprocess", "--data", str(data), "--out", str(tmp_path / "out"), *SMALL], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "layer1.json: no usable recipe among 2 records (rejected: {'missing_field': 1, 'not_object': 1}" in err[0]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+@pytest.mark.ray
+def test_every_recipe_losing_its_photos_fails_in_one_line(ray_session, tmp_path, capsys) -> None:
+    data = tmp_path / "raw"
+    data.mkdir()
+    rec = {"id": "v1", "title": "Soup", "ingredients": [{"text": "water"}], "instructions": [{"text": "Boil."}],
+           "partition": "val"}
+    (data / "layer1.json").write_text(json.dumps([rec]))
+    (data / "layer2.json").write_text(json.dumps([{"id": "v1", "images": [{"id": "abcd000000.jpg"}]}]))
+    out = tmp_path / "out"
+    rc, _, err = _cli(["preprocess", "--data", str(data), "--out", str(out), *SMALL], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "no recipe kept: all 1 recipes that passed validation were dropped ({'no_valid_image': 1})" in err[0]
+    assert json.loads((out / "stats.json").read_text())["photos"]["rejected"] == {"missing_file": 1}
+    assert not (out / "_SUCCESS").exists()
+
+
+class _FullDisk(io.RawIOBase):
+    """An output stream on a disk that fills up after ``room`` bytes (what the shard writer sees)."""
+
+    def __init__(self, inner, room: int):
+        self.inner, self.room = inner, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.inner.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.inner.write(data)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+@pytest.mark.ray
+def test_full_disk_is_one_line_and_the_same_command_completes_later(
+    ray_session, hostile, tmp_path, capsys, monkeypatch
+) -> None:
+    """Before: a 20-line traceback. Now: exit 1 and one line, whether the disk fills in the driver (shards),
+    in a Ray task (a Parquet part: a real ENOSPC from /dev/full) or at the last file (_SUCCESS); nothing
+    half-written is left under a final name, and the same command completes once there is space again."""
+    from tnlbt import storage
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    root, expect = hostile
+    out = tmp_path / "out"
+    args = ["preprocess", "--data", str(root), "--out", str(out), *SMALL]
+
+    def assert_failed_in_one_line(*names: str) -> None:
+        rc, _, err = _cli(args, capsys)
+        assert rc == 28 and len(err) == 1, err  # tnlbt.cli.EXIT_NO_SPACE
+        assert err[0].startswith("tnlbt preprocess: out of disk space (") and "run the same command again" in err[0]
+        assert all(n in err[0] for n in names), err[0]
+        assert not (out / "_SUCCESS").exists()
+        assert not [p for p in out.rglob("*.tmp")], "a failed write left its temp file"
+
+    real_open = storage.open_output
+    monkeypatch.setattr(storage, "open_output", lambda uri: _FullDisk(real_open(uri), 100)
+                        if "/_work/shards/" in str(uri) else real_open(uri))
+    assert_failed_in_one_line("No space left on device")  # the driver, writing the first JSONL shard
+    monkeypatch.undo()
+
+    # The rerun resumes (same fingerprint: nothing is cleaned), so this link stays where the task writes.
+    part_tmp = out / "train" / ".part-p00000.parquet.tmp"
+    part_tmp.parent.mkdir(parents=True, exist_ok=True)
+    part_tmp.symlink_to("/dev/full")
+    assert_failed_in_one_line("part-p00000.parquet", "No space left on device")
+    assert not part_tmp.is_symlink() and not (out / "train" / "part-p00000.parquet").exists()
+    assert list((out / "_work" / "done").glob("*.json")), "the parts that were written are marked done"
+
+    (out / "_SUCCESS.tmp").symlink_to("/dev/full")  # the very last write
+    assert_failed_in_one_line()
+    assert (out / "stats.json").is_file() and (out / "_work").is_dir()  # resumable from the done markers
+
+    rc, _, err = _cli(args, capsys)
+    assert rc == 0, err
+    stats = json.loads((out / "stats.json").read_text())
+    rec, ph = stats["records"], stats["photos"]
+    assert (rec["input"], rec["rejected"], rec["dropped"]) == (expect["input"], expect["rejected"], expect["dropped"])
+    assert ph["ok"] == expect["photos"]["ok"] and ph["rejected"] == expect["photos"]["rejected"]
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*/part-*.parquet"))
+    assert rows == rec["kept"] == len(expect["kept_ids"])
+    assert (out / "_SUCCESS").is_file() and not (out / "_work").exists() and not list(out.rglob("*.tmp"))

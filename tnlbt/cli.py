@@ -7,7 +7,6 @@ module that owns it (``cli_<name>(args) -> int``), so torch and Ray load only wh
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import sys
@@ -75,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="redo finished work")
     p.add_argument("--num-cpus", type=int, default=0, help="logical CPUs for a local Ray (0 = all)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="keep the records before a JSON error (a truncated layer1.json) instead of failing; the "
+                   "error is listed in stats.json parse_errors")
     _add_config_args(p)
 
     p = sub.add_parser("train", help="large-batch data-parallel training on Ray Train",
@@ -181,30 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tnlbt {args.command}: {e} (tnlbt -v {args.command} ... shows the traceback)", file=sys.stderr)
         return 2
     except Exception as e:
+        from tnlbt.storage import error_line, out_of_space
+
         full = out_of_space(e)
         if full is None or args.verbose:
             raise
-        where = f" writing {full.filename}" if full.filename else ""
-        print(f"tnlbt {args.command}: out of disk space{where}: free some space and rerun (finished work is kept "
-              "and reused; nothing half-written is read back)", file=sys.stderr)
+        print(f"tnlbt {args.command}: out of disk space ({error_line(full)}); free some space and run the same "
+              "command again: finished work is kept and reused, nothing half-written is read back", file=sys.stderr)
         return EXIT_NO_SPACE
 
 
 EXIT_NO_SPACE = 28  # errno ENOSPC: scripts can tell a full disk from a bad argument (2)
 
-
-def out_of_space(e: BaseException) -> OSError | None:
-    """The ENOSPC error behind ``e``, also when a Ray worker's failure wraps it (cause chain, or only its text)."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    if "No space left on device" in str(e):  # a RayTaskError carries the worker's traceback as text
-        return OSError(errno.ENOSPC, "No space left on device")
-    return None
 
 
 if __name__ == "__main__":

@@ -63,6 +63,14 @@ class DataConfig:
     row_group_rows: int = 256  # Parquet row group size inside each file (random access reads one group)
     rows_per_file: int = 2048  # max Parquet rows per output file (one preprocessing task writes one file)
     preprocess_cpus: float = 0.0  # logical CPUs for Ray Data (0 = all)
+    # Hostile or broken input (counted in stats.json, see tnlbt/data/preprocess.py)
+    max_json_depth: int = 64  # nesting levels of one JSON record (Recipe1M's: 3); deeper: rejected, too_deep
+    # Stored raw text is cut to these (kept, counted as records.truncated); the search API accepts the same sizes
+    # (serve/schemas.py MAX_TITLE, MAX_LINE, MAX_LINES).
+    max_title_chars: int = 300
+    max_line_chars: int = 500  # each ingredient / instruction line
+    max_lines: int = 50  # ingredient lines, and instruction lines, per recipe
+    allow_partial: bool = False  # keep the items before a JSON error (a truncated file) instead of failing
 
     def __post_init__(self) -> None:
         for name in ("max_title_tokens", "max_ingredients", "max_instructions", "max_line_tokens"):
@@ -77,6 +85,9 @@ class DataConfig:
         _check(self.max_image_aspect >= 1.0, "data.max_image_aspect", "must be >= 1")
         _check(self.row_group_rows >= 1, "data.row_group_rows", "must be >= 1")
         _check(self.preprocess_cpus >= 0, "data.preprocess_cpus", "must be >= 0")
+        _check(self.max_json_depth >= 3, "data.max_json_depth", "must be >= 3 (a Recipe1M record nests 3 levels)")
+        for name in ("max_title_chars", "max_line_chars", "max_lines"):
+            _check(getattr(self, name) >= 1, f"data.{name}", "must be >= 1")
 
     @property
     def images_dir(self) -> str:

@@ -18,6 +18,7 @@ objects would need bucket-level permissions that training roles often lack).
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
@@ -482,6 +483,34 @@ def ensure_parent(uri: str | os.PathLike[str]) -> None:
     parent = posixpath.dirname(path)
     if parent and not _is_object_store(fs):
         fs.create_dir(parent, recursive=True)
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space(e: BaseException | None) -> OSError | None:
+    """The "no space left" (or quota) error in ``e`` or in the exceptions it was raised from or during, if any;
+    also when a Ray worker's failure carries it only as text (a RayTaskError holds the worker's traceback).
+
+    Chained: a failed write is often followed by a failed close in a ``finally``, which then carries the first.
+    """
+    seen: set[int] = set()
+    cur = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _NO_SPACE:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    if e is not None and ("No space left on device" in str(e) or "Disk quota exceeded" in str(e)):
+        return OSError(errno.ENOSPC, "No space left on device")
+    return None
+
+
+def error_line(e: OSError) -> str:
+    """An OS error as one short line: what and where."""
+    text = " ".join(str(x) for x in (e.strerror or e, e.filename) if x)
+    return text.splitlines()[0][:300] if text else "no space left on device"
 
 
 # -- an object store on local disk (tests, laptops, multi-process runs) -----------------------------

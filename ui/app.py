@@ -34,11 +34,22 @@ def _photo_input_class() -> type:
     (:func:`tnlbt.inference.check_image`), and a ``data:`` URL (Gradio's other way in, which it would decode
     and re-encode) is written out as its bytes. Defined lazily: importing this module does not import Gradio.
     """
+    from unittest import mock
+
     import gradio as gr
+    import gradio.component_meta
 
     from tnlbt.data.images import PhotoError
     from tnlbt.inference import check_image
 
+    # Gradio's component metaclass writes a ``.pyi`` stub next to the module of every component subclass (a
+    # tool for authors of custom components): into the source tree, or into site-packages, where it may be
+    # read-only. Not for this class.
+    with mock.patch.object(gradio.component_meta, "create_or_modify_pyi", lambda *_a, **_k: None):
+        return _define_photo_input(gr, PhotoError, check_image)
+
+
+def _define_photo_input(gr: Any, PhotoError: type[Exception], check_image: Any) -> type:
     class PhotoInput(gr.Image):
         # Rendered by the frontend's "image" component. No __init__ of its own: Gradio builds the component's
         # frontend config from the signature of ``__init__``. Make it with type="filepath", image_mode=None.

@@ -3,6 +3,8 @@
 Every failure is a named reason, never an exception escaping to the pipeline:
 
 * ``missing_file``, ``empty_file`` (zero bytes), ``unreadable_file`` (I/O error);
+* ``outside_root``: a local photo whose path, symlinks followed, leads out of the image root (a link to
+  ``/etc/...`` or to another user's files must not end up as pixels in Parquet);
 * ``corrupt`` (not an image PIL can identify, or a decoder error), ``truncated`` (data ends early);
 * ``too_large`` (more pixels than ``max_image_pixels``: the decompression-bomb limit, checked from the header
   before any pixel is decoded), ``too_small`` (shorter side under ``min_image_side``), ``extreme_aspect``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -30,8 +33,8 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
 PHOTO_REASONS = (
-    "missing_file", "empty_file", "unreadable_file", "corrupt", "truncated", "too_large", "too_small",
-    "extreme_aspect",
+    "missing_file", "empty_file", "unreadable_file", "outside_root", "corrupt", "truncated", "too_large",
+    "too_small", "extreme_aspect",
 )
 
 
@@ -149,28 +152,62 @@ def decode_image(
     return ImageResult(out.getvalue(), None, fmt, mode)
 
 
-def read_image_bytes(path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> bytes | ImageResult:
+def _under(real: str, root: str) -> bool:
+    return real == root or real.startswith(os.path.join(root, ""))
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The real path of the file open as ``fd``: what the kernel opened, every link followed (Linux), so the
+    check is on the very file that is read; elsewhere ``os.path.realpath`` (which a swapped link could race)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _read_local(path: Path, root: str | None) -> bytes | ImageResult:
+    try:
+        # O_NONBLOCK: a link to a FIFO must not hang the task in open() (it is refused below, not read)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:  # also a dangling link
+        return ImageResult(None, "missing_file")
+    except OSError as e:
+        return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+    try:
+        if root is not None and not _under(_opened_path(fd, path), root):
+            return ImageResult(None, "outside_root")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a folder or a device is not a photo either
+            return ImageResult(None, "missing_file")
+        if st.st_size == 0:
+            return ImageResult(None, "empty_file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+    finally:
+        os.close(fd)
+
+
+def read_image_bytes(
+    path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None, root: str | None = None
+) -> bytes | ImageResult:
     """The bytes of one photo, or an :class:`ImageResult` naming why there are none.
 
     ``filesystem`` given: ``path`` is a path inside it (``bucket/images/train/a/b/c/d/abcd.jpg``), so a task
     that reads thousands of photos resolves the image root once. Otherwise ``path`` is a local path or a URI
     resolved through :mod:`tnlbt.storage`. Any I/O error (a missing object, a lost connection, a permission
     error) becomes a named reason: one bad photo is a counted skip, never the end of a preprocessing task.
+    ``root`` (local paths; resolved with ``os.path.realpath`` by the caller, once): a photo whose file, links
+    followed, lies outside it is ``outside_root`` and not read; links within the root are fine. Object stores
+    have no links, so it does not apply to them.
     """
     if filesystem is None:
         s = os.fspath(path)
         from tnlbt import storage
 
         if not storage.is_remote(s):
-            p = Path(storage.local_path(s) or s)
-            try:
-                if not p.is_file():
-                    return ImageResult(None, "missing_file")
-                if p.stat().st_size == 0:
-                    return ImageResult(None, "empty_file")
-                return p.read_bytes()
-            except OSError as e:
-                return ImageResult(None, "unreadable_file", detail=str(e)[:200])
+            return _read_local(Path(storage.local_path(s) or s), root)
         filesystem, path = storage.resolve(s)
     import pyarrow.fs as pafs
 
@@ -194,6 +231,7 @@ def load_image_file(
     path: str | os.PathLike[str],
     *,
     filesystem: pafs.FileSystem | None = None,
+    root: str | None = None,
     short_side: int = 256,
     quality: int = 90,
     max_pixels: int = 64_000_000,
@@ -203,9 +241,9 @@ def load_image_file(
     """Read and decode one photo; a missing/empty/unreadable file is a reason, not an exception.
 
     ``path`` is a local path, a URI (``s3://bucket/images/...``), or, with ``filesystem``, a path inside that
-    pyarrow filesystem (see :func:`read_image_bytes`).
+    pyarrow filesystem (see :func:`read_image_bytes`, also for ``root``).
     """
-    data = read_image_bytes(path, filesystem)
+    data = read_image_bytes(path, filesystem, root)
     if isinstance(data, ImageResult):
         return data
     return decode_image(data, short_side=short_side, quality=quality, max_pixels=max_pixels,

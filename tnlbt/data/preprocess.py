@@ -23,12 +23,22 @@ Decisions (also in stats.json):
   no photo listed is dropped as ``no_image_eval`` and one whose photos all fail as ``no_valid_image``: the
   evaluation protocol needs pairs. Up to ``max_images_per_recipe`` photos that decode are kept, in layer2
   order; listed photos after that are counted ``unused_over_limit`` and not opened.
+* Stored text is cut to ``max_title_chars`` / ``max_line_chars`` / ``max_lines`` (the search API's sizes); such
+  a record is kept and counted in ``records.truncated`` by limit (``long_title``, ``long_line``,
+  ``many_lines``). A record nested deeper than ``max_json_depth`` is rejected (``too_deep``).
 * Accounting: ``records.input == kept + sum(rejected) + sum(dropped)``; ``photos.listed == ok + sum(rejected)
   + unused_over_limit`` where ``listed`` counts the photos of recipes that passed validation.
 * Rerun: ``OUT/_SUCCESS`` holds a fingerprint of the inputs (layer files' size and mtime, image root,
   DataConfig, pipeline version); the same fingerprint skips all work, a different one asks for
   ``--overwrite``. The photo files themselves are not fingerprinted (887k files): use ``--overwrite`` after
   changing images in place.
+* Broken input fails the run in one line (``IncompleteInput``, ``EmptyOutput``; exit 2): a JSON error part-way
+  through a layer file (a truncated download; ``--allow-partial`` / ``data.allow_partial`` keeps the items
+  before it and lists the error in ``parse_errors``), or no recipe left to keep.
+* A full disk (ENOSPC, EDQUOT) anywhere, driver or task, ends the run with one line and exit 28. Nothing half
+  written is taken as complete: a part is a tmp file, fsynced, renamed; its done marker comes after it;
+  ``_SUCCESS`` (atomic) after every output, and ``_work`` is removed only after that, so the same command
+  resumes from the markers once there is space.
 
 Remote storage: ``--data``, ``--images`` and ``--out`` may each be a local folder or a URI (``s3://bucket/x``,
 ``gs://...``; anything :mod:`tnlbt.storage` resolves), in any mix. Everything is read and written through
@@ -54,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -76,6 +87,8 @@ from tnlbt.config import DataConfig
 from tnlbt.data.images import load_image_file
 from tnlbt.data.recipe1m import (
     PARTITIONS,
+    TooDeep,
+    cap_text,
     clean_det_ingrs,
     clean_layer1,
     clean_layer2,
@@ -95,7 +108,7 @@ from tnlbt.data.vocab import (
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: text limits, photos must resolve inside the image root
 MAX_EXAMPLES = 5
 _OUTPUT_NAMES = ("vocab.json", "ingredients.json", "stats.json", "config.json", "_SUCCESS", "_work")
 
@@ -121,19 +134,37 @@ def _stem(uri: str | os.PathLike[str]) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def _write_marker(uri: str, text: str) -> None:
-    """Write a small file so that it is never seen half-written.
+def _fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a finished local file before it is renamed into place: a write error that a filesystem reports
+    only at writeback (a full NFS or FUSE disk) is raised here, instead of a short file under a final name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Local: tmp file + ``os.replace`` (as before). Remote: one object written from memory in one stream; object
-    stores publish it only when the stream completes (no rename exists there, none is needed).
+
+def _write_marker(uri: str, text: str) -> None:
+    """Write a small file so that it is never seen half-written (done markers, ``_SUCCESS``).
+
+    Local: tmp file, fsync, ``os.replace``; a failed write (a full disk) removes the tmp file and leaves no
+    marker. Remote: one object written from memory in one stream; object stores publish it only when the
+    stream completes (no rename exists there, none is needed).
     """
     lp = storage.local_path(uri)
     if lp is None:
         storage.write_text(uri, text)
         return
     tmp = Path(lp).with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, lp)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, lp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _upload_file(local_file: str | os.PathLike[str], uri: str) -> None:
@@ -259,8 +290,29 @@ class _ShardWriter:
 
 
 def _example_id(obj: Any, index: int) -> str:
+    if isinstance(obj, TooDeep):
+        obj = obj.item  # what is left of it: the id is usually there
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) and rid.strip() and rid.isprintable() else f"#{index}"
+
+
+class IncompleteInput(ValueError):
+    """An input file ends early or breaks part-way (a truncated download): fails unless data.allow_partial."""
+
+
+class EmptyOutput(ValueError):
+    """The input yields no recipe to keep: an empty dataset would only fail later, in training."""
+
+
+def _read_array(path: str, parse_errors: list[str], cfg: DataConfig) -> Iterator[Any]:
+    """The items of one input file. A JSON error part-way fails the run unless ``cfg.allow_partial``: keeping
+    the items before it would silently lose everything after (a truncated layer1.json used to exit 0)."""
+    before = len(parse_errors)
+    yield from iter_json_array(path, parse_errors, cfg.max_json_depth)
+    if len(parse_errors) > before and not cfg.allow_partial:
+        where = path + parse_errors[-1].removeprefix(_name(path))  # the message with the whole path
+        raise IncompleteInput(f"{where}. Replace the file, or pass --allow-partial (data.allow_partial=true) "
+                              "to keep the items before the error")
 
 
 def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str], cfg: DataConfig) -> dict[str, Any]:
@@ -280,7 +332,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
 
     layer2: dict[str, tuple[str, ...]] = {}
     l2 = Counter()
-    for obj in iter_json_array(layer2_path, parse_errors):
+    for obj in _read_array(layer2_path, parse_errors, cfg):
         l2["entries"] += 1
         rid, ids = clean_layer2(obj)
         if rid is None:
@@ -295,7 +347,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     det: dict[str, bytes] = {}
     dc = Counter()
     if storage.isfile(det_path):
-        for obj in iter_json_array(det_path, parse_errors):
+        for obj in _read_array(det_path, parse_errors, cfg):
             dc["entries"] += 1
             rid, det_names = clean_det_ingrs(obj)
             if rid is None:
@@ -313,7 +365,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     else:
         log.warning("%s not found: recipes get no ingredient labels", det_path)
 
-    records, dropped = Tally(), Tally()
+    records, dropped, truncated = Tally(), Tally(), Tally()
     seen: set[str] = set()
     label_counts: Counter[str] = Counter()
     paired_train = 0
@@ -321,7 +373,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     matched_l2 = 0
     writer = _ShardWriter(shard_dir, cfg.rows_per_file)
     try:
-        for index, obj in enumerate(iter_json_array(layer1, parse_errors)):
+        for index, obj in enumerate(_read_array(layer1, parse_errors, cfg)):
             n_input += 1
             if n_input % 100_000 == 0:
                 log.info("layer1: %d records read, %d kept so far", n_input, len(seen))
@@ -351,6 +403,8 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
             if split == "train" and paired:
                 paired_train += 1
                 label_counts.update(labels)
+            for cut in cap_text(rec, cfg.max_title_chars, cfg.max_line_chars, cfg.max_lines):
+                truncated.add(cut, rid)
             rec.update(image_ids=image_ids, labels=labels)
             writer.write(split, "p" if paired or split != "train" else "r", rec)
     finally:
@@ -361,6 +415,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
         "records_input": n_input,
         "rejected": records.to_dict(),
         "dropped": dropped.to_dict(),
+        "truncated": truncated.to_dict(),
         "kept_before_photos": len(seen) - dropped.total(),
         "paired_train": paired_train,
         "label_counts": label_counts,
@@ -371,9 +426,11 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
 
 
 def rebalance_shards(
-    shards: list[str], folder: str | os.PathLike[str], min_shards: int, min_rows: int = 32
+    shards: list[str], folder: str | os.PathLike[str], min_shards: int, min_rows: int = 32,
+    max_rows: int | None = None,
 ) -> list[str]:
-    """Split a small corpus into more, smaller shards so every CPU gets work (files stay <= rows_per_file).
+    """Split a small corpus into more, smaller shards so every CPU gets work (files stay <= ``max_rows``, the
+    config's rows_per_file: ``min_rows`` alone made a 17-row shard with rows_per_file 16).
 
     Only when there are fewer than ``min_shards`` shards, i.e. a corpus small enough to rewrite cheaply. Shards
     are read, deleted and written whole (one object each on an object store).
@@ -387,6 +444,8 @@ def rebalance_shards(
     texts = {key: [storage.read_text(p) for p in paths] for key, paths in groups.items()}
     total = sum(t.count("\n") for ts in texts.values() for t in ts)
     size = max(min_rows, -(-total // min_shards))
+    if max_rows is not None:
+        size = min(size, max_rows)
     out: list[str] = []
     folder = os.fspath(folder)
     for key, paths in groups.items():
@@ -464,9 +523,10 @@ def process_shard(
                 posixpath.join(img_root, image_relpath(split, image_id)), filesystem=img_fs, **photo_kw
             )
     else:
+        root = os.path.realpath(images_dir)  # once per shard; each photo must resolve inside it
 
         def load_photo(split: str, image_id: str) -> Any:
-            return load_image_file(image_path(images_dir, split, image_id), **photo_kw)
+            return load_image_file(image_path(images_dir, split, image_id), root=root, **photo_kw)
 
     photos, dropped = Tally(), Tally()
     formats: Counter[str] = Counter()
@@ -537,9 +597,14 @@ def process_shard(
                 writer.close()
         if writer is not None:
             if final is not None:
+                _fsync(tmp)
                 os.replace(tmp, final)  # atomic: a file named part-* is always complete
             else:
                 _upload_file(tmp, out_uri)  # one object, visible only complete
+    except BaseException:
+        if tmp is not None:  # a failed part (a full disk): its tmp file would only hold on to space
+            tmp.unlink(missing_ok=True)
+        raise
     finally:
         if final is None and tmp is not None:
             tmp.unlink(missing_ok=True)  # remote output: the local temp copy, uploaded or not
@@ -575,10 +640,19 @@ def _process_batch(
         if storage.isfile(done):  # finished by an earlier, interrupted run with the same fingerprint
             results.append(storage.read_text(done))
             continue
-        res = process_shard(shard, _out_file(out_dir, shard), vocab=vocab, ingredients=ingredients,
-                            cfg=cfg, images_dir=images_dir, shard_bytes=data)
-        text = json.dumps(res)
-        _write_marker(done, text)
+        out_file = _out_file(out_dir, shard)
+        try:
+            res = process_shard(shard, out_file, vocab=vocab, ingredients=ingredients, cfg=cfg,
+                                images_dir=images_dir, shard_bytes=data)
+            text = json.dumps(res)
+            _write_marker(done, text)  # after the part is in place: a marker always names a complete part
+        except OSError as e:
+            full = storage.out_of_space(e)
+            if full is None:
+                raise
+            # Reported, not raised: the driver ends the run with one line instead of a remote traceback, and
+            # a rerun redoes only the shards without a marker.
+            text = json.dumps({"shard": _name(shard), "out_of_space": f"{out_file}: {storage.error_line(full)}"})
         results.append(text)
     return {"result": results}
 
@@ -604,8 +678,8 @@ def fingerprint(data_dir: str | os.PathLike[str], images_dir: str | os.PathLike[
             p = Path(data) / name
             st = p.stat() if p.is_file() else None
             parts[name] = [st.st_size, st.st_mtime_ns] if st else None
-    for key in ("preprocess_cpus", "raw_dir", "processed_dir", "image_root"):
-        parts["cfg"].pop(key, None)  # parallelism and paths given elsewhere do not change the output
+    for key in ("preprocess_cpus", "raw_dir", "processed_dir", "image_root", "allow_partial"):
+        parts["cfg"].pop(key, None)  # parallelism, paths given elsewhere, the partial-input consent: same output
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -677,6 +751,9 @@ def preprocess(
         storage.remove(storage.join(shard_dir, old))
     raw = read_raw(data_dir, shard_dir, cfg)
     t_read = time.perf_counter() - t0
+    if raw["kept_before_photos"] == 0:
+        raise EmptyOutput(f"{layer1}: no usable recipe among {raw['records_input']} records (rejected: "
+                          f"{raw['rejected']['counts'] or 'none'}; dropped: {raw['dropped']['counts'] or 'none'})")
     log.info("read %d records -> %d shards in %.1fs", raw["records_input"], len(raw["shards"]), t_read)
 
     from tnlbt.ray_init import ensure_ray
@@ -688,7 +765,7 @@ def preprocess(
 
         _progress_bars()
         n_tasks = num_cpus or int(cfg.preprocess_cpus) or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        raw["shards"] = rebalance_shards(raw["shards"], shard_dir, 2 * n_tasks)
+        raw["shards"] = rebalance_shards(raw["shards"], shard_dir, 2 * n_tasks, max_rows=cfg.rows_per_file)
 
         # Stage 2: vocabulary from paired train shards (parallel word counts).
         t0 = time.perf_counter()
@@ -728,6 +805,9 @@ def preprocess(
                 **_task_remote_args(),
             )
             results = [json.loads(row["result"]) for row in out.iter_rows()]
+            full = [r["out_of_space"] for r in results if "out_of_space" in r]
+            if full:
+                raise OSError(errno.ENOSPC, f"{len(full)} of {len(results)} parts not written, e.g. {full[0]}")
         t_process = time.perf_counter() - t0
         # Files left by an interrupted run whose shards were cut differently are not part of this output.
         wanted = {(r["split"], r["file"]) for r in results if r["file"]}
@@ -749,9 +829,15 @@ def preprocess(
     stats["fingerprint"] = fp
     stats["data_dir"], stats["images_dir"] = data_dir, img_root
     storage.write_text(storage.join(out_dir, "stats.json"), json.dumps(stats, indent=2) + "\n")
+    if stats["records"]["kept"] == 0:  # every val/test recipe lost its photos: stats.json says which way
+        raise EmptyOutput(f"no recipe kept: all {raw['kept_before_photos']} recipes that passed validation were "
+                          f"dropped ({stats['records']['dropped']}); see {storage.join(out_dir, 'stats.json')}")
     config = {"data": dataclasses.asdict(cfg), "data_dir": data_dir, "images_dir": img_root,
               "pipeline_version": PIPELINE_VERSION}
     storage.write_text(storage.join(out_dir, "config.json"), json.dumps(config, indent=2) + "\n")
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # Atomic, and before _work goes: a run that cannot write it (a full disk) resumes from the done markers.
+    _write_marker(success, json.dumps({"fingerprint": fp, "finished": finished}) + "\n")
     # the shards duplicate layer1's text; done markers are in stats
     if storage.is_remote(work):
         try:
@@ -760,8 +846,6 @@ def preprocess(
             log.warning("could not remove %s (%s); it is safe to delete", work, e)
     else:
         shutil.rmtree(work, ignore_errors=True)
-    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    storage.write_text(success, json.dumps({"fingerprint": fp, "finished": finished}) + "\n")
     return stats
 
 
@@ -789,9 +873,10 @@ def _merge_stats(raw: dict[str, Any], results: list[dict[str, Any]], vocab: Voca
         sp["rows"] = sp["paired"] + sp["recipe_only"]
     kept = sum(sp["rows"] for sp in splits.values())
     rejected = raw["rejected"]
+    truncated = raw["truncated"]  # kept records whose text was cut (not part of the balance below)
     records = {"input": raw["records_input"], "kept": kept, "rejected": rejected["counts"],
-               "dropped": dropped.to_dict()["counts"],
-               "examples": {**rejected["examples"], **dropped.to_dict()["examples"]}}
+               "dropped": dropped.to_dict()["counts"], "truncated": truncated["counts"],
+               "examples": {**rejected["examples"], **dropped.to_dict()["examples"], **truncated["examples"]}}
     records["balanced"] = records["input"] == kept + sum(rejected["counts"].values()) + dropped.total()
     rej = photo_rej.to_dict()
     photo_stats = {"listed": photos["listed"], "ok": photos["ok"], "rejected": rej["counts"],
@@ -816,6 +901,8 @@ def _merge_stats(raw: dict[str, Any], results: list[dict[str, Any]], vocab: Voca
             "train_without_valid_photo": "kept as recipe-only row (has_image=false)",
             "val_test_without_photo": "dropped: no_image_eval (none listed), no_valid_image (all failed)",
             "max_images_per_recipe": "first photos that decode, in layer2 order; the rest unused_over_limit",
+            "text_limits": "title, each line and the number of lines cut to data.max_title_chars, "
+                           "max_line_chars, max_lines; the record kept (records.truncated)",
         },
     }
 
@@ -825,6 +912,9 @@ def cli_preprocess(args: argparse.Namespace) -> int:
     from tnlbt.config import Config
 
     cfg = Config.load(args.config, args.overrides).data
+    if args.allow_partial:
+        cfg = dataclasses.replace(cfg, allow_partial=True)
+    # A full disk propagates: `tnlbt` prints one line and exits 28 (tnlbt.cli); finished parts are kept.
     stats = preprocess(args.data, args.out, cfg, images_dir=args.images or None, overwrite=args.overwrite,
                        num_cpus=args.num_cpus)
     rec, ph = stats["records"], stats["photos"]
@@ -835,9 +925,12 @@ def cli_preprocess(args: argparse.Namespace) -> int:
     print(f"records: {rec['input']} in, {rec['kept']} kept "
           f"(train {sp['train']['paired']} paired + {sp['train']['recipe_only']} recipe-only, "
           f"val {sp['val']['rows']}, test {sp['test']['rows']})", file=out)
-    print(f"rejected: {rec['rejected'] or 'none'}; dropped: {rec['dropped'] or 'none'}", file=out)
+    print(f"rejected: {rec['rejected'] or 'none'}; dropped: {rec['dropped'] or 'none'}; "
+          f"kept with text cut: {rec.get('truncated') or 'none'}", file=out)
     print(f"photos: {ph['listed']} listed, {ph['ok']} ok, rejected {ph['rejected'] or 'none'}, "
           f"{ph['unused_over_limit']} over the per-recipe limit", file=out)
+    for err in stats.get("parse_errors", []):  # accepted with --allow-partial
+        print(f"partial input kept: {err}", file=out)
     print(f"vocab {stats['vocab']['size']} tokens, {stats['ingredients']['size']} ingredient labels; "
           f"output in {args.out} ({stats['timings']['total_s']:.1f}s)", file=out)
     return 0

@@ -85,7 +85,8 @@ def photo_point_id(image_id: str) -> str:
 
 def new_version() -> str:
     """A sortable version tag: UTC time to the microsecond (``vYYYYmmddHHMMSSffffff``)."""
-    return time.strftime("v%Y%m%d%H%M%S", time.gmtime()) + f"{int(time.time() * 1e6) % 1_000_000:06d}"
+    t = time.time()  # one reading: two could straddle a second and sort an older version after a newer one
+    return time.strftime("v%Y%m%d%H%M%S", time.gmtime(t)) + f"{int(t * 1e6) % 1_000_000:06d}"
 
 
 def versioned(name: str, version: str) -> str:
