@@ -66,6 +66,8 @@ def test_installed_wheel_runs_without_the_source_tree(installed: dict[str, Path]
     assert (out / "layer1.json").is_file() and (out / "images").is_dir()
 
     builders = _run(installed, "-c", "import tnlbt.serve.app as a, tnlbt.serve.deployments as d, tnlbt.ui.app as u; "
-                    "print(callable(a.build_app), callable(a.build_ui_app), d.SearchAPI.name, callable(u.build_demo))")
+                    "print(callable(a.build_app), callable(a.build_ui_app), d.SearchAPI.name, callable(u.build_demo),"
+                    " u._photo_input_class().__name__)")
     assert builders.returncode == 0, builders.stderr
-    assert builders.stdout.split() == ["True", "True", "SearchAPI", "True"]
+    assert builders.stdout.split() == ["True", "True", "SearchAPI", "True", "PhotoInput"]
+    assert not list(installed["site"].rglob("*.pyi"))  # nothing writes into the installed package
