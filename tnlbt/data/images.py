@@ -32,11 +32,6 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
-PHOTO_REASONS = (
-    "missing_file", "empty_file", "unreadable_file", "outside_root", "corrupt", "truncated", "too_large",
-    "too_small", "extreme_aspect",
-)
-
 
 @dataclass(frozen=True)
 class ImageResult:

@@ -37,10 +37,6 @@ from tnlbt.data.vocab import clean_ingredient_name
 log = logging.getLogger(__name__)
 
 PARTITIONS = ("train", "val", "test")
-RECORD_REASONS = (
-    "not_object", "missing_field", "bad_type", "invalid_utf8", "bad_id", "bad_partition", "empty_ingredients",
-    "empty_instructions", "duplicate_id", "too_deep",
-)
 _MARK = "\ufdd0"
 _ERROR_HANDLER = "tnlbt_mark_invalid_utf8"
 _BAD_TEXT = re.compile("[\ufdd0\ud800-\udfff]")
@@ -403,7 +399,11 @@ def _text_lines(value: Any) -> list[str] | None:
 
 
 def clean_layer1(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """One layer1 item -> (clean record, None) or (None, reason). Empty lines are dropped, text stripped."""
+    """One layer1 item -> (clean record, None) or (None, reason). Empty lines are dropped, text stripped.
+
+    Reasons: ``too_deep``, ``not_object``, ``missing_field``, ``bad_type``, ``invalid_utf8``, ``bad_id``,
+    ``bad_partition``, ``empty_ingredients``, ``empty_instructions`` (the reader adds ``duplicate_id``).
+    """
     if isinstance(obj, TooDeep):
         return None, "too_deep"
     if not isinstance(obj, dict):
