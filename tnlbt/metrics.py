@@ -266,23 +266,29 @@ def _positive_counts(q: _Side, d: _Side, chunk_size: int,
     # cost 15-100% of the product time on a busy box (thread hand-offs); numpy's much less.
     workers = max(1, min(torch.get_num_threads(), 8))
 
-    def block(pool: ThreadPoolExecutor, sim: np.ndarray, r0: int, c0: int) -> None:
-        h, w = sim.shape
-        step = -(-h // workers)
-        thr_cols = t[c0:c0 + w] if both else None
-        spans = [(r0 + lo, r0 + min(lo + step, h)) for lo in range(0, h, step)]
-        jobs = [(a, b, pool.submit(_count_block, sim[a - r0:b - r0], t[a:b], thr_cols)) for a, b in spans]
-        for a, b, job in jobs:
+    def count(pool: ThreadPoolExecutor, pieces: list[tuple[np.ndarray, int, int]]) -> None:
+        """Count ``(sim, r0, c0)`` pieces (rows ``r0:``, columns ``c0:`` of the similarity matrix) in one
+        round of jobs: each wait for the threads costs a time slice on a busy machine."""
+        jobs = []
+        for sim, r0, c0 in pieces:
+            h, w = sim.shape
+            step = -(-h // workers)
+            thr_cols = t[c0:c0 + w] if both else None
+            for a in range(r0, r0 + h, step):
+                b = min(a + step, r0 + h)
+                jobs.append((a, b, c0, w, pool.submit(_count_block, sim[a - r0:b - r0], t[a:b], thr_cols)))
+        for a, b, c0, w, job in jobs:
             res = job.result()
             gt_r[a:b] += res[0]
             ge_r[a:b] += res[1]
             if both:
                 gt_c[c0:c0 + w] += res[2]
                 ge_c[c0:c0 + w] += res[3]
-        if d_dups is not None:
-            d_dups.fix(sim, r0, c0, t, True, gt_r, ge_r)
-        if q_dups is not None:
-            q_dups.fix(sim, r0, c0, t, False, gt_c, ge_c)
+        for sim, r0, c0 in pieces:
+            if d_dups is not None:
+                d_dups.fix(sim, r0, c0, t, True, gt_r, ge_r)
+            if q_dups is not None:
+                q_dups.fix(sim, r0, c0, t, False, gt_c, ge_c)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for s in range(0, n, rows):
@@ -290,9 +296,10 @@ def _positive_counts(q: _Side, d: _Side, chunk_size: int,
             low = torch.mm(qe[s:e], de[:e].T).numpy()  # (e - s, e): row block s:e, columns up to its diagonal
             k = np.arange(e - s)
             t[s:e] = low[k, s + k]
-            block(pool, low, s, 0)
+            pieces = [(low, s, 0)]
             if s:
-                block(pool, torch.mm(qe[:s], de[s:e].T).numpy(), 0, s)  # (s, e - s): above the diagonal
+                pieces.append((torch.mm(qe[:s], de[s:e].T).numpy(), 0, s))  # (s, e - s): above the diagonal
+            count(pool, pieces)
 
     # >= counted the true item itself (its own entry equals its threshold): tied = others that tie.
     no_dup = np.zeros(n, dtype=bool)
