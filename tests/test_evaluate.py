@@ -129,7 +129,9 @@ def test_cli_eval_end_to_end_tiny_model(tmp_path: Path) -> None:
 
     vocab = ["<pad>", "<start>", "<end>", *[f"w{i}" for i in range(26)], "<unk>"]
     cfg = Config.load(
-        "tiny_test", [f"data.processed_dir={tmp_path / 'data'}", "eval.bag_sizes=[10, 1000]", "eval.n_bags=3"]
+        "tiny_test",
+        [f"data.processed_dir={tmp_path / 'data'}", "eval.bag_sizes=[10, 1000]", "eval.n_bags=3",
+         "eval.ties=pessimistic"],
     )
     torch.manual_seed(0)
     model = create_model(cfg, len(vocab), 4)
@@ -143,3 +145,10 @@ def test_cli_eval_end_to_end_tiny_model(tmp_path: Path) -> None:
     assert res["meta"]["n_pairs"] == 16 and res["meta"]["n_bags"] == 2
     r1 = res["10"]["image_to_recipe"]["R@1"]
     assert 0.0 <= r1["mean"] <= 1.0 and res["10"]["recipe_to_image"]["medR"]["mean"] >= 1.0
+    # The tie report: the rule used (the run's eval.ties), and per direction how many of the 2 x 10 queries tie.
+    assert res["meta"]["ties"] == "pessimistic" and res["10"]["exact_ties"]["rule"] == "pessimistic"
+    for direction in ("image_to_recipe", "recipe_to_image"):
+        rep = res["10"]["exact_ties"][direction]
+        assert rep["queries"] == 20 and 0 <= rep["duplicate_positives"] <= rep["tied_queries"] <= 20
+    with pytest.raises(ValueError, match="--ties"):  # checked before anything is loaded
+        cli_eval(argparse.Namespace(run=str(run), split="test", data=None, bags=2, mode=None, ties="random"))

@@ -270,6 +270,9 @@ class EvalConfig:
     mode: Literal["random", "fixed"] = "random"  # H-T random bags | AdaMine/T-Food disjoint consecutive bags
     seed: int = 1234
     chunk_size: int = 1024
+    # Ranks with exact ties: "optimistic" 1 + #strictly closer (ties for the query, the papers' medR) |
+    # "pessimistic" #closer or equal (ties against the query, H-T's R@K in its worst case); tnlbt.metrics.
+    ties: Literal["optimistic", "pessimistic"] = "optimistic"
 
     def __post_init__(self) -> None:
         _check(len(self.bag_sizes) >= 1 and all(b >= 2 for b in self.bag_sizes), "eval.bag_sizes",

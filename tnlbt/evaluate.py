@@ -2,9 +2,10 @@
 
 As H-T's evaluation (method-research.md §5.1): every paired recipe of the split with its *first* photo (eval
 transform), rows sorted by recipe id so the bags do not depend on how the split was sharded; bagged medR and
-R@1/5/10 in both directions (:func:`tnlbt.metrics.evaluate_embeddings`). Rows that cannot be collated (e.g. a
-photo that no longer decodes) are skipped and counted. No Ray here: evaluation of a test split fits one
-process; ``tnlbt index`` is the Ray Data path for big corpora.
+R@1/5/10 in both directions (:func:`tnlbt.metrics.evaluate_embeddings`), with how many queries tie exactly
+(Recipe1M has duplicate recipes and shared photos; the tie rule is ``eval.ties``). Rows that cannot be
+collated (e.g. a photo that no longer decodes) are skipped and counted. No Ray here: evaluation of a test
+split fits one process; ``tnlbt index`` is the Ray Data path for big corpora.
 
 Remote runs and data (``--run s3://bucket/runs/RUN``, ``data.processed_dir=s3://...``; see :mod:`tnlbt.storage`):
 the checkpoint is downloaded to a temporary folder and loaded from there (safetensors and the model loader read
@@ -125,12 +126,22 @@ def _row_batches(split_dir: str | Path, batch_size: int) -> Iterator[list[dict[s
 
 
 def cli_eval(args: argparse.Namespace) -> int:
-    """``tnlbt eval --run RUN [--split test] [--data DIR] [--bags N] [--mode random|fixed]``."""
-    from tnlbt.metrics import evaluate_embeddings, format_table
+    """``tnlbt eval --run RUN [--split test] [--data DIR] [--bags N] [--mode random|fixed]``.
+
+    ``args.ties`` ("optimistic" | "pessimistic"), where the parser provides it, overrides the run's
+    ``eval.ties``. ``metrics_{split}.json`` holds, per setting, the metrics under that rule (``meta.ties``)
+    and ``exact_ties``: per direction, how many of the evaluated queries (summed over the bags) tie exactly
+    with another candidate, and how many of those with an exact duplicate of their true item, so a reader
+    sees whether the rule matters on this split.
+    """
+    from tnlbt.metrics import TIE_RULES, evaluate_embeddings, format_table
     from tnlbt.models import load_model
     from tnlbt.runs import checkpoint_location
     from tnlbt.train.checkpoint import local_checkpoint
 
+    ties = getattr(args, "ties", None)
+    if ties is not None and ties not in TIE_RULES:  # before loading anything
+        raise ValueError(f"--ties must be one of {', '.join(TIE_RULES)}; got {ties!r}")
     remote_run = storage.scheme(args.run) != ""
     run: Path | str = os.fspath(args.run).rstrip("/") if remote_run else Path(args.run)
     ckpt = checkpoint_location(run)
@@ -154,6 +165,8 @@ def cli_eval(args: argparse.Namespace) -> int:
         ecfg = dataclasses.replace(ecfg, n_bags=args.bags)
     if getattr(args, "mode", None):
         ecfg = dataclasses.replace(ecfg, mode=args.mode)
+    if ties is not None:
+        ecfg = dataclasses.replace(ecfg, ties=ties)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     t0 = time.perf_counter()
@@ -171,6 +184,7 @@ def cli_eval(args: argparse.Namespace) -> int:
         "skipped_rows": emb["skipped"],
         "skipped_ids": emb["skipped_ids"],
         "mode": ecfg.mode,
+        "ties": ecfg.ties,
         "n_bags": ecfg.n_bags,
         "seed": ecfg.seed,
         "embed_seconds": round(t_embed, 2),
