@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="preprocessed folder (default: the run's config)")
     p.add_argument("--bags", type=int, default=None, help="bags per setting (default: eval.n_bags)")
     p.add_argument("--mode", choices=["random", "fixed"], default=None, help="bag protocol")
+    p.add_argument("--ties", choices=["optimistic", "pessimistic"], default=None,
+                   help="rank rule for exact ties: optimistic = 1 + #strictly closer (default, H-T's medR), "
+                   "pessimistic = #closer or equal (default: the run's eval.ties)")
 
     p = sub.add_parser("plot", help="training curves of a run as PNG")
     p.add_argument("run", help="run directory (runs/NAME)")
