@@ -21,7 +21,8 @@ the generator get theirs), so the four optimisers' parameter sets receive exactl
 A **recipe-only step** (H-T's alternation) runs the recipe encoder on a recipe-only batch and back-propagates
 ``w_recipe_ssl x recipe_ssl`` only.
 
-The step only runs backward; the loop all-reduces gradients, clips and steps the optimisers.
+The step only runs backward; :func:`apply_update` (the loop calls it) all-reduces gradients, checks them,
+clips and steps the optimisers. :func:`prepare_model` sets the model's training-time layout first.
 """
 
 from __future__ import annotations
@@ -33,14 +34,30 @@ from torch import Tensor, nn
 
 from tnlbt import losses as L
 from tnlbt.config import Config
+from tnlbt.models.dropout import use_fast_dropout
 from tnlbt.models.recipe_encoder import COMPONENTS
 from tnlbt.train.feature_cache import grad_cache_backward
 from tnlbt.train.precision import maybe_autocast
 
 
+def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    """Training-time speed settings of ``model`` (before its optimisers are built), none of them in the maths.
+
+    * ``train.channels_last``: 4-d weights (convs) in NHWC memory; :class:`TrainStep` hands the images over in
+      the same layout, so oneDNN (CPU) and cuDNN run their fastest kernels and skip layout reorders;
+    * ``train.fast_dropout``: :class:`~tnlbt.models.dropout.FastDropout` for every ``nn.Dropout`` (CPU only:
+      a cheaper mask of the same distribution; on CUDA it is ``nn.Dropout``).
+    """
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.train.fast_dropout:
+        use_fast_dropout(model)
+
+
 def build_optimizers(model: nn.Module, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """``main`` (Adam/AdamW; image backbone group at ``lr x backbone_lr_scale``), and Adam(gan_lr, gan_betas)
-    for ``modality_disc``, ``generator`` and ``image_disc`` when those parts exist."""
+    for ``modality_disc``, ``generator`` and ``image_disc`` when those parts exist. ``optim.fused``: the fused
+    implementation (one kernel over all of an optimiser's tensors instead of ~10 ops per parameter)."""
     groups = model.parameter_groups()
     o = cfg.optim
     main_groups = [{"params": groups["main"], "lr": o.lr, "name": "main"}]
@@ -48,16 +65,78 @@ def build_optimizers(model: nn.Module, cfg: Config) -> dict[str, torch.optim.Opt
         main_groups.append({"params": groups["image_backbone"], "lr": o.lr * o.backbone_lr_scale,
                             "name": "image_backbone"})
     main_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+    fused = {"fused": True} if o.fused else {}
     opts: dict[str, torch.optim.Optimizer] = {
-        "main": main_cls(main_groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        "main": main_cls(main_groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fused)
     }
     for name in ("modality_disc", "generator", "image_disc"):
         if groups.get(name):
-            opts[name] = torch.optim.Adam(groups[name], lr=o.gan_lr, betas=tuple(o.gan_betas))
+            opts[name] = torch.optim.Adam(groups[name], lr=o.gan_lr, betas=tuple(o.gan_betas), **fused)
     for opt in opts.values():
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
     return opts
+
+
+def apply_update(optimizers: dict[str, torch.optim.Optimizer], terms: dict[str, float], cfg: Config,
+                 world_size: int = 1, device: torch.device | None = None) -> bool:
+    """After a step's backward: all-reduce the gradients, skip the step on every rank together when a term or
+    a gradient is not finite (gradients zeroed), else clip the main optimiser's gradients and step all
+    optimisers. True when the optimisers stepped."""
+    from tnlbt.distributed import all_reduce_grads, any_rank
+
+    device = device or torch.device("cpu")
+    all_params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
+    all_reduce_grads(all_params, world_size)
+    bad = bool(L.check_finite(terms)) or not L.grads_finite(all_params)
+    if any_rank(bad, world_size, device):
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        return False
+    if cfg.optim.grad_clip > 0:
+        main_params = [p for g in optimizers["main"].param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(main_params, cfg.optim.grad_clip, foreach=True)
+    for opt in optimizers.values():
+        if any(g.get("fused") for g in opt.param_groups):
+            match_layouts(opt)
+        opt.step()
+    return True
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any], cfg: Config) -> None:
+    """``opt.load_state_dict(state)`` keeping this run's implementation (``optim.fused``): a saved param group
+    carries its own ``fused`` flag, which would otherwise silently override the config on resume."""
+    fused = True if cfg.optim.fused else None
+    opt.load_state_dict(state)
+    for g in opt.param_groups:
+        g["fused"] = fused
+        if fused:
+            g["foreach"] = None
+    match_layouts(opt)
+
+
+def match_layouts(opt: torch.optim.Optimizer) -> int:
+    """Give every gradient and per-parameter state tensor (Adam's moments) its parameter's strides; returns how
+    many were re-laid.
+
+    The fused CPU Adam kernel (torch 2.14) walks params, grads and moments as flat memory and does not check
+    their strides: a channels-last weight with a contiguous gradient (a gradient set by hand) or with moments
+    from a checkpoint of a run without channels-last silently gets a wrong update. Autograd already lays
+    gradients out like their parameters, so this is a no-op (a stride comparison per tensor) on normal steps.
+    """
+    fixed = 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            stride = p.stride()
+            if p.grad is not None and p.grad.stride() != stride:
+                p.grad = torch.empty_like(p).copy_(p.grad)
+                fixed += 1
+            state = opt.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != stride:
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+                    fixed += 1
+    return fixed
 
 
 def _frozen_call(module: nn.Module, *args: Any) -> Any:
@@ -94,13 +173,17 @@ class TrainStep:
         self.use_gen = m.generator is not None and m.image_disc is not None and cfg.loss.w_trans > 0
         self.use_itm = m.cross_decoder is not None and cfg.loss.w_itm > 0
         self.gen_fused = bool(cfg.model.gen_use_fused) and m.cross_decoder is not None
+        self.channels_last = cfg.train.channels_last
 
     # -- paired ---------------------------------------------------------------------------------------------
     def _forward(self, mb: dict[str, Tensor]) -> tuple[list[Tensor], dict[str, Any]]:
+        images = mb["image"]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with maybe_autocast(self.device, self.amp_dtype):
-            img = self.model.image_features(mb["image"])
+            img = self.model.image_features(images)
             rec = self.model.recipe_features(mb)
-        return [img["emb"].float(), rec["emb"].float()], {"img": img, "rec": rec, "batch": mb}
+        return [img["emb"].float(), rec["emb"].float()], {"img": img, "rec": rec, "batch": mb, "images": images}
 
     def _cached_loss(self, margin: float):
         def fn(embs: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -150,7 +233,7 @@ class TrainStep:
                     cond = fused if (self.gen_fused and fused is not None) else rec_emb
                     g = model.generate(cond)
                     fake = g["image"]
-                    real = model.images_for_gan(mb["image"])
+                    real = model.images_for_gan(aux["images"])
                     targets = mb["ingredient_labels"]
                     dfake = _frozen_call(model.image_disc, fake, g["mu"])
                     dreal = _frozen_call(model.image_disc, real, g["mu"].detach())
