@@ -63,6 +63,9 @@ def gate(what: str, max_load: float = MAX_LOAD_1M, wait_s: float = 0.0, allow_lo
             raise SystemExit(REFUSED)
         print(msg + " Running anyway (--allow-loaded): results are marked quiet.valid=false.", file=sys.stderr,
               flush=True)
+    else:
+        print(f"{what}: quiet box (1-minute load {load[0]} < {max_load}, waited {info['waited_s']} s): measuring",
+              file=sys.stderr, flush=True)
     return info
 
 

@@ -248,7 +248,8 @@ def summarize_profile(events, wall_s: float, steps: int, top: int = 20) -> dict[
 class _StepChild:
     """One code tree's training step, built once and timed on request (runs in its own process)."""
 
-    def __init__(self, code_root: Path, data_path: str, preset: str, precision: str) -> None:
+    def __init__(self, code_root: Path, data_path: str, preset: str, precision: str,
+                 overrides: list[str]) -> None:
         import torch
 
         from tnlbt.config import Config
@@ -257,7 +258,7 @@ class _StepChild:
         from tnlbt.train import step as step_mod
 
         d = torch.load(data_path, weights_only=False)
-        cfg = Config.load(str(_preset_path(code_root, preset)), [f"train.precision={precision}"])
+        cfg = Config.load(str(_preset_path(code_root, preset)), [f"train.precision={precision}", *overrides])
         self.cfg, self.S = cfg, step_mod
         torch.manual_seed(0)
         self.model = create_model(cfg, d["vocab_size"], d["n_ingredients"]).train()
@@ -368,10 +369,12 @@ class _StepChild:
 class _Kid:
     """The parent's handle on one :class:`_StepChild` process."""
 
-    def __init__(self, code_root: Path, data: str, preset: str, precision: str, threads: int) -> None:
+    def __init__(self, code_root: Path, data: str, preset: str, precision: str, threads: int,
+                 overrides: list[str]) -> None:
         env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": str(threads)}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--step-child", "--code-root", str(code_root),
-               "--step-data", data, "--preset", preset, "--precision", precision, "--threads", str(threads)]
+               "--step-data", data, "--preset", preset, "--precision", precision, "--threads", str(threads),
+               *overrides]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=str(code_root))
         self.info = self._read()
@@ -402,9 +405,11 @@ def _median(xs: list[float]) -> float:
 
 
 def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[str], threads: int,
-               profile_steps: int, quiet: dict[str, Any]) -> dict[str, Any]:
+               profile_steps: int, quiet: dict[str, Any], variants: dict[str, list[str]] | None = None
+               ) -> dict[str, Any]:
     """Paired and recipe-only steps of ``preset`` (this tree, and ``baseline``'s when given) against the matmul
-    peak of the same process, interleaved over ``rounds`` rounds; medians, ratios, FLOPs, profile."""
+    peak of the same process, interleaved over ``rounds`` rounds; medians, ratios, FLOPs, profile.
+    ``variants``: more children of this tree, name -> config overrides (one lever off, say), bf16 only."""
     import tempfile
 
     import torch
@@ -429,7 +434,10 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
     try:
         for tree, root in trees.items():
             for prec in precisions:
-                kids[f"{tree}_{prec}"] = _Kid(root, data, preset, prec, threads)
+                kids[f"{tree}_{prec}"] = _Kid(root, data, preset, prec, threads, [])
+        for name, overrides in (variants or {}).items():
+            kids[f"{name}_bf16"] = _Kid(ROOT, data, preset, "bf16", threads, overrides)
+            res.setdefault("variants", {})[name] = overrides
         for name, kid in kids.items():  # warm-up, one child at a time
             for _ in range(2):
                 kid.ask("paired")
@@ -469,14 +477,18 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
                 for kind in ("paired", "recipe_only"):
                     ratios[f"{kind}_{prec}_new_over_old"] = round(
                         res[f"new_{prec}"][kind]["median_s"] / res[f"old_{prec}"][kind]["median_s"], 4)
+        for name in variants or {}:
+            for kind in ("paired", "recipe_only"):
+                ratios[f"{kind}_bf16_{name}_over_new"] = round(
+                    res[f"{name}_bf16"][kind]["median_s"] / res["new_bf16"][kind]["median_s"], 4)
         if {"fp32", "bf16"} <= set(precisions):
             for tree in trees:
                 for kind in ("paired", "recipe_only"):
                     ratios[f"{kind}_{tree}_bf16_speedup_over_fp32"] = round(
                         res[f"{tree}_fp32"][kind]["median_s"] / res[f"{tree}_bf16"][kind]["median_s"], 4)
         res["ratios"] = ratios
-        if profile_steps:
-            for name in names:
+        if profile_steps:  # the bf16 step of each tree (profiling every variant would double the run)
+            for name in [n for n in (f"{t}_bf16" for t in trees) if n in kids]:
                 res[name]["profile"] = kids[name].ask("profile", steps=profile_steps)
     finally:
         for kid in kids.values():
@@ -492,7 +504,7 @@ def _step_child_main(a: argparse.Namespace) -> int:
     torch.set_num_threads(a.threads)
     code_root = Path(a.code_root).resolve()
     sys.path.insert(0, str(code_root))
-    _StepChild(code_root, a.step_data, a.preset, a.precision).serve()
+    _StepChild(code_root, a.step_data, a.preset, a.precision, a.overrides).serve()
     return 0
 
 
@@ -665,6 +677,8 @@ def main() -> int:
     ap.add_argument("--precisions", default="bf16,fp32", help="step: comma list of fp32, bf16")
     ap.add_argument("--threads", type=int, default=2, help="step: torch threads of each step process")
     ap.add_argument("--profile-steps", type=int, default=2, help="step: profiled steps per kind (0 = none)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="step: another bf16 child of this tree with these overrides (e.g. one lever off)")
     ap.add_argument("--micro", type=int, default=16, help="memory: micro-batch with the cache")
     ap.add_argument("--budget-mib", type=float, default=256.0)
     ap.add_argument("--max-global", type=int, default=2048)
@@ -691,8 +705,9 @@ def main() -> int:
     if "peak" in only:
         _save("peak", matmul_peak(), quiet, a.out)
     if "step" in only:
+        variants = {v.split(":", 1)[0]: v.split(":", 1)[1].split(",") for v in a.variant}
         _save("step", step_bench(a.preset, a.baseline, a.rounds, a.precisions.split(","), a.threads,
-                                 a.profile_steps, quiet), quiet, a.out)
+                                 a.profile_steps, quiet, variants), quiet, a.out)
     if "memory" in only:
         _save("memory", memory(a.preset, a.micro, a.budget_mib, a.max_global), quiet, a.out)
     if "decode" in only:
