@@ -245,6 +245,34 @@ def summarize_profile(events, wall_s: float, steps: int, top: int = 20) -> dict[
                          "calls_per_step": round(n / steps, 1)} for s, k, n in ops[:top]]}
 
 
+def gemm_shapes(events, top: int = 12) -> list[dict[str, Any]]:
+    """The matrix products (mm, addmm, bmm) by input shapes, slowest first, with the GFLOP/s each reached in
+    the step (one profiled step with shapes recorded), to compare with the same shapes run alone."""
+    rows = []
+    for e in events:
+        op = e.key.removeprefix("aten::")
+        shapes = [list(x) for x in (e.input_shapes or [])]
+        try:
+            if op == "mm":
+                (m, k), (_, n) = shapes[0], shapes[1]
+                flops = 2 * m * k * n
+            elif op == "addmm":
+                (m, k), (_, n) = shapes[1], shapes[2]
+                flops = 2 * m * k * n
+            elif op == "bmm":
+                (b, m, k), (_, _, n) = shapes[0], shapes[1]
+                flops = 2 * b * m * k * n
+            else:
+                continue
+        except (ValueError, IndexError):
+            continue
+        s = e.self_cpu_time_total / 1e6
+        rows.append({"op": op, "shapes": shapes[:3], "calls": e.count, "ms": round(1000 * s, 3),
+                     "gflops": round(flops * e.count / s / 1e9, 1) if s else None})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:top]
+
+
 class _StepChild:
     """One code tree's training step, built once and timed on request (runs in its own process)."""
 
@@ -341,6 +369,9 @@ class _StepChild:
                     fn()
                 wall = time.perf_counter() - t
             res[name] = summarize_profile(prof.key_averages(), wall, steps)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                fn()
+            res[name]["gemm_shapes"] = gemm_shapes(prof.key_averages(group_by_input_shape=True))
         return res
 
     def serve(self) -> None:

@@ -302,3 +302,87 @@ def test_load_optimizer_state_keeps_this_runs_implementation() -> None:
             load_optimizer_state(o, states[k], cfg_now)
             assert all(bool(g["fused"]) is now for g in o.param_groups)
             assert len(o.state) == len(opts[k].state)
+
+
+# -- packed lines ---------------------------------------------------------------------------------------------
+def test_pack_lines_places_every_token_once_and_keeps_lines_whole() -> None:
+    """Brute force over the plan: every real token gets a distinct slot, a line's tokens are consecutive in one
+    row in column order, and no row overflows."""
+    from tnlbt.models.recipe_encoder import pack_lines
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 9, (37,), generator=g)
+    real = torch.arange(8)[None, :] < lengths[:, None]
+    real[5, 2] = False  # a hole: the token after it keeps its own column
+    pk = pack_lines(real)
+    assert sorted(pk.slot.tolist()) == sorted(set(pk.slot.tolist())) and len(pk.slot) == int(real.sum())
+    assert pk.n_bins * pk.width >= len(pk.slot) and pk.n_bins < real.shape[0]
+    for i in range(real.shape[0]):
+        slots = pk.slot[pk.line == i].tolist()
+        cols = pk.col[pk.line == i].tolist()
+        assert cols == real[i].nonzero().flatten().tolist()
+        assert slots == list(range(slots[0], slots[0] + len(slots)))
+        assert slots[0] // pk.width == slots[-1] // pk.width
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_packed_recipe_encoder_matches_the_padded_one(autocast: bool) -> None:
+    """Training mode, dropout 0: packed lines give the padded path's embeddings and gradients (fp32 to 1e-5;
+    under bf16 autocast to bf16 rounding)."""
+    cfg = Config.load("tiny_test", ["model.dropout=0.0", "model.text_layers=2"])
+    torch.manual_seed(0)
+    model = create_model(cfg, VOCAB, N_ING).train()
+    b = _batch(cfg, 9, seed=4)
+    b["ingredients"][2] = 0  # a recipe without ingredient lines
+    b["instructions"][4, :, 3:] = 0
+    outs, grads = [], []
+    for packed in (False, True):
+        model.recipe_encoder.pack_lines = packed
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model.recipe_features(b)
+        (out["emb"].float().sum() + out["tokens"].float().pow(2).sum()).backward()
+        outs.append({k: v.detach().float() for k, v in out.items() if k != "token_mask"})
+        grads.append({n: p.grad.clone() for n, p in model.recipe_encoder.named_parameters() if p.grad is not None})
+    tol = {"atol": 3e-2, "rtol": 3e-2} if autocast else {"atol": 1e-5, "rtol": 1e-4}
+    for k in outs[0]:
+        torch.testing.assert_close(outs[1][k], outs[0][k], **tol, msg=k)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        scale = max(1.0, float(grads[0][n].abs().max()))
+        torch.testing.assert_close(grads[1][n] / scale, grads[0][n] / scale, **tol, msg=n)
+    if not autocast:
+        model.eval()
+        model.recipe_encoder.pack_lines = True  # evaluation keeps the padded path
+        with torch.no_grad():
+            torch.testing.assert_close(model.recipe_features(b)["emb"], outs[0]["emb"], atol=1e-5, rtol=1e-4)
+
+
+# -- batched recipe SSL ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["ht", "valid", "hard"])
+def test_batched_ssl_equals_one_triplet_loss_per_pair(kind: str) -> None:
+    """recipe_ssl_loss_batched == recipe_ssl_loss (one TripletLoss per ordered pair), value and gradients,
+    on a TNLBT's real projectors; two components too."""
+    cfg = Config.load("tiny_test")
+    torch.manual_seed(0)
+    model = create_model(cfg, VOCAB, N_ING)
+    w = cfg.model.text_width
+    for names in (("title", "ingredients", "instructions"), ("title", "instructions")):
+        comps = {c: torch.randn(10, w, requires_grad=True) for c in names}
+        vals, grads = [], []
+        for batched in (False, True):
+            model.zero_grad(set_to_none=True)
+            for v in comps.values():
+                v.grad = None
+            if batched:
+                loss = L.recipe_ssl_loss_batched(comps, model.ssl_project_many, 0.3, kind)
+            else:
+                loss = L.recipe_ssl_loss(comps, model.ssl_project, 0.3, kind)
+            loss.backward()
+            vals.append(loss.detach())
+            grads.append([v.grad.clone() for v in comps.values()]
+                         + [p.grad.clone() for p in model.ssl_proj.parameters() if p.grad is not None])
+        torch.testing.assert_close(vals[1], vals[0], rtol=1e-5, atol=1e-6)
+        assert len(grads[0]) == len(grads[1]) > len(names)
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

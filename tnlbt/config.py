@@ -236,10 +236,13 @@ class TrainConfig:
     image_pick: Literal["random", "first"] = "random"  # which of a recipe's photos a paired row uses
     val_max_rows: int = 0  # cap on val rows embedded per epoch (0 = the whole split)
     # Step speed, not maths (tnlbt.train.step.prepare_model): conv weights and images channels-last (NHWC, the
-    # layout oneDNN and tensor cores run fastest), and dropout masks from a cheaper generator on CPU
-    # (tnlbt/models/dropout.py: same distribution, another random stream). false: PyTorch's defaults.
+    # layout oneDNN and tensor cores run fastest), dropout masks from a cheaper generator on CPU
+    # (tnlbt/models/dropout.py: same distribution, another random stream), the recipe encoder's lines packed
+    # (tnlbt/models/recipe_encoder.py). false: the plain paths.
     channels_last: bool = True
     fast_dropout: bool = True
+    pack_lines: bool = True  # recipe encoder: several short lines per row in training (same maths per line)
+    batched_ssl: bool = True  # recipe SSL: the 6 component pairs in one batched loss (losses.recipe_ssl_loss_batched)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_name) and "/" not in self.run_name, "train.run_name",

@@ -46,12 +46,16 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> None:
     * ``train.channels_last``: 4-d weights (convs) in NHWC memory; :class:`TrainStep` hands the images over in
       the same layout, so oneDNN (CPU) and cuDNN run their fastest kernels and skip layout reorders;
     * ``train.fast_dropout``: :class:`~tnlbt.models.dropout.FastDropout` for every ``nn.Dropout`` (CPU only:
-      a cheaper mask of the same distribution; on CUDA it is ``nn.Dropout``).
+      a cheaper mask of the same distribution; on CUDA it is ``nn.Dropout``);
+    * ``train.pack_lines``: the recipe encoder packs its word-level lines in training (no padded tokens).
     """
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.train.fast_dropout:
         use_fast_dropout(model)
+    encoder = getattr(model, "recipe_encoder", None)
+    if encoder is not None:
+        encoder.pack_lines = cfg.train.pack_lines
 
 
 def build_optimizers(model: nn.Module, cfg: Config) -> dict[str, torch.optim.Optimizer]:
@@ -206,8 +210,7 @@ class TrainStep:
             with maybe_autocast(self.device, self.amp_dtype):
                 if self.use_ssl:
                     comps = {c: rec[c].float() for c in COMPONENTS if c in rec}
-                    terms["recipe_ssl"] = L.recipe_ssl_loss(comps, model.ssl_project, margin,
-                                                            loss_fn=self.ssl_triplet)
+                    terms["recipe_ssl"] = self._ssl(comps, margin)
                 if self.use_adv:
                     terms["adv"] = L.modality_gen_loss(model.modality_disc, rec_emb)
                     d = L.modality_disc_loss(model.modality_disc, img_emb, rec_emb, lc.gp_weight)
@@ -273,9 +276,16 @@ class TrainStep:
         with maybe_autocast(self.device, self.amp_dtype):
             rec = self.model.recipe_features(batch)
             comps = {c: rec[c].float() for c in COMPONENTS if c in rec}
-            ssl = L.recipe_ssl_loss(comps, self.model.ssl_project, margin, loss_fn=self.ssl_triplet)
+            ssl = self._ssl(comps, margin)
         (ssl * self.lc.w_recipe_ssl).backward()
         return self._reduce({"recipe_only_ssl": ssl.detach()})
+
+    def _ssl(self, comps: dict[str, Tensor], margin: float) -> Tensor:
+        """Recipe SSL (local negatives): all component pairs in one batched loss (``train.batched_ssl``), or
+        one :class:`~tnlbt.losses.TripletLoss` call per pair."""
+        if self.cfg.train.batched_ssl:
+            return L.recipe_ssl_loss_batched(comps, self.model.ssl_project_many, margin, self.lc.triplet)
+        return L.recipe_ssl_loss(comps, self.model.ssl_project, margin, loss_fn=self.ssl_triplet)
 
     def _reduce(self, terms: dict[str, Tensor]) -> dict[str, float]:
         """Mean over ranks (one all-reduce of the stacked terms) -> floats for logging and finite checks."""
