@@ -56,8 +56,9 @@ def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if not training or p == 0.0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
     mask, scale = keep_mask(x.shape, p, x.device)
-    # x * mask is exact (x or 0); the scale is applied once, in the input's opmath, as native dropout does
-    return (x * mask) * scale
+    # where() is exact (x or 0) and needs no cast of the bool mask; the scale is applied once, in the input's
+    # opmath, as native dropout does. Backward: where(mask, grad, 0) * scale, the same.
+    return torch.where(mask, x, 0.0).mul_(scale)
 
 
 class FastDropout(nn.Dropout):

@@ -41,13 +41,17 @@ from tnlbt.train.precision import maybe_autocast
 
 
 def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> None:
-    """Training-time speed settings of ``model`` (before its optimisers are built), none of them in the maths.
+    """Training-time speed settings of ``model`` (before its optimisers are built). The model computes the same
+    function: layouts and packing change no maths, the dropout masks come from another random stream of the same
+    distribution, and ``autocast_embeddings`` changes where bf16 rounding happens.
 
     * ``train.channels_last``: 4-d weights (convs) in NHWC memory; :class:`TrainStep` hands the images over in
       the same layout, so oneDNN (CPU) and cuDNN run their fastest kernels and skip layout reorders;
     * ``train.fast_dropout``: :class:`~tnlbt.models.dropout.FastDropout` for every ``nn.Dropout`` (CPU only:
       a cheaper mask of the same distribution; on CUDA it is ``nn.Dropout``);
-    * ``train.pack_lines``: the recipe encoder packs its word-level lines in training (no padded tokens).
+    * ``train.pack_lines``: the recipe encoder packs its word-level lines in training (no padded tokens);
+    * ``train.autocast_embeddings``: under autocast its token embeddings enter in bf16 (the one switch here
+      that rounds differently: the text residual stream in bf16, as the image path's activations already are).
     """
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -56,6 +60,7 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> None:
     encoder = getattr(model, "recipe_encoder", None)
     if encoder is not None:
         encoder.pack_lines = cfg.train.pack_lines
+        encoder.autocast_embeddings = cfg.train.autocast_embeddings
 
 
 def build_optimizers(model: nn.Module, cfg: Config) -> dict[str, torch.optim.Optimizer]:
@@ -86,20 +91,32 @@ def apply_update(optimizers: dict[str, torch.optim.Optimizer], terms: dict[str, 
                  world_size: int = 1, device: torch.device | None = None) -> bool:
     """After a step's backward: all-reduce the gradients, skip the step on every rank together when a term or
     a gradient is not finite (gradients zeroed), else clip the main optimiser's gradients and step all
-    optimisers. True when the optimisers stepped."""
+    optimisers. True when the optimisers stepped.
+
+    One pass of per-tensor 2-norms serves both the finiteness check and the clipping (which is then exactly
+    ``clip_grad_norm_``'s foreach arithmetic). A finite gradient whose 2-norm overflows float32 counts as not
+    finite here (:func:`tnlbt.losses.grads_finite` uses the max-norm, which cannot overflow): clipping could
+    not have used it either.
+    """
     from tnlbt.distributed import all_reduce_grads, any_rank
 
     device = device or torch.device("cpu")
+    main = {id(p) for g in optimizers["main"].param_groups for p in g["params"]}
     all_params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
     all_reduce_grads(all_params, world_size)
-    bad = bool(L.check_finite(terms)) or not L.grads_finite(all_params)
+    with_grad = [p for p in all_params if p.grad is not None and p.grad.numel()]
+    norms = torch._foreach_norm([p.grad for p in with_grad], 2.0) if with_grad else []
+    bad = bool(L.check_finite(terms)) or (bool(norms) and not bool(torch.stack(norms).isfinite().all()))
     if any_rank(bad, world_size, device):
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         return False
     if cfg.optim.grad_clip > 0:
-        main_params = [p for g in optimizers["main"].param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(main_params, cfg.optim.grad_clip, foreach=True)
+        main_norms = [n for p, n in zip(with_grad, norms, strict=True) if id(p) in main]
+        if main_norms:
+            total = torch.linalg.vector_norm(torch.stack(main_norms), 2.0)
+            coef = torch.clamp(cfg.optim.grad_clip / (total + 1e-6), max=1.0)
+            torch._foreach_mul_([p.grad for p in with_grad if id(p) in main], coef)
     for opt in optimizers.values():
         if any(g.get("fused") for g in opt.param_groups):
             match_layouts(opt)
@@ -239,13 +256,14 @@ class TrainStep:
                     real = model.images_for_gan(aux["images"])
                     targets = mb["ingredient_labels"]
                     dfake = _frozen_call(model.image_disc, fake, g["mu"])
-                    dreal = _frozen_call(model.image_disc, real, g["mu"].detach())
+                    # the discriminator on the real images: its own loss needs it with parameter gradients; the
+                    # generator's ingredient term on real images only needs its value (no path to the generator)
+                    dr = model.image_disc(real, g["mu"].detach())
                     gl = L.gen_losses(torch.cat([dfake["logits"], dfake["uncond_logits"]]).float(),
-                                      dfake["ingredient_logits"].float(), dreal["ingredient_logits"].float(),
+                                      dfake["ingredient_logits"].float(), dr["ingredient_logits"].detach().float(),
                                       targets, g["mu"].float(), g["logvar"].float(), lc.kl_weight)
                     terms["trans_img"] = gl["total"]
                     # image discriminator on detached generated images (BCE real/fake + ingredients on real)
-                    dr = model.image_disc(real, g["mu"].detach())
                     df = model.image_disc(fake.detach(), g["mu"].detach())
                     dl = L.image_disc_loss(torch.cat([dr["logits"], dr["uncond_logits"]]).float(),
                                            torch.cat([df["logits"], df["uncond_logits"]]).float(),
