@@ -30,6 +30,18 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(total, steal) jiffies of all CPUs from /proc/stat, or None where there is none. Steal is time the
+    hypervisor gave this VM's CPUs to someone else: invisible in the load average, it slows a timing all the
+    same."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), (fields[7] if len(fields) > 7 else 0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--max-load``, ``--wait-quiet`` and ``--allow-loaded`` (every benchmark takes them)."""
     g = parser.add_argument_group("quiet box (bench/_quiet.py)")
@@ -53,7 +65,7 @@ def gate(what: str, max_load: float = MAX_LOAD_1M, wait_s: float = 0.0, allow_lo
         time.sleep(min(poll_s, max(0.0, wait_s - (time.monotonic() - t0))) or 0.1)
         load = load_average()
     info = {"valid": load[0] < max_load, "max_load_1m": max_load, "load_average_at_start": load,
-            "waited_s": round(time.monotonic() - t0, 1)}
+            "waited_s": round(time.monotonic() - t0, 1), "_ticks": cpu_ticks()}
     if not info["valid"]:
         msg = (f"{what}: 1-minute load average {load[0]} >= {max_load} (load {load}); a timing on a busy box "
                f"is not a measurement.")
@@ -79,6 +91,9 @@ def finish(info: dict[str, Any], max_end_load: float | None = None) -> dict[str,
     (another job started meanwhile) is marked invalid too."""
     out = dict(info)
     out["load_average_at_end"] = load_average()
+    start, end = out.pop("_ticks", None), cpu_ticks()
+    if start and end and end[0] > start[0]:
+        out["cpu_steal_fraction"] = round((end[1] - start[1]) / (end[0] - start[0]), 4)
     if max_end_load is not None and out["load_average_at_end"][0] >= max_end_load:
         out["valid"] = False
         out["invalid_reason"] = f"1-minute load reached {out['load_average_at_end'][0]} during the run"

@@ -503,20 +503,29 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
                              "fraction_of_fp32_peak": round(gflops / peak["fp32_gflops"], 4),
                              "fraction_of_bf16_peak": round(gflops / peak["bf16_gflops"], 4)}
         ratios: dict[str, float] = {}
+
+        def per_round(a: str, b: str, kind: str) -> float:
+            """Median over rounds of a's time over b's in the same round (drift between rounds cancels)."""
+            return round(_median([x / y for x, y in zip(times[a][kind], times[b][kind], strict=True)]), 4)
+
         for prec in precisions:
             if "old" in trees:
                 for kind in ("paired", "recipe_only"):
                     ratios[f"{kind}_{prec}_new_over_old"] = round(
                         res[f"new_{prec}"][kind]["median_s"] / res[f"old_{prec}"][kind]["median_s"], 4)
+                    ratios[f"{kind}_{prec}_new_over_old_per_round"] = per_round(f"new_{prec}", f"old_{prec}", kind)
         for name in variants or {}:
             for kind in ("paired", "recipe_only"):
                 ratios[f"{kind}_bf16_{name}_over_new"] = round(
                     res[f"{name}_bf16"][kind]["median_s"] / res["new_bf16"][kind]["median_s"], 4)
+                ratios[f"{kind}_bf16_{name}_over_new_per_round"] = per_round(f"{name}_bf16", "new_bf16", kind)
         if {"fp32", "bf16"} <= set(precisions):
             for tree in trees:
                 for kind in ("paired", "recipe_only"):
                     ratios[f"{kind}_{tree}_bf16_speedup_over_fp32"] = round(
                         res[f"{tree}_fp32"][kind]["median_s"] / res[f"{tree}_bf16"][kind]["median_s"], 4)
+                    ratios[f"{kind}_{tree}_bf16_speedup_over_fp32_per_round"] = per_round(
+                        f"{tree}_fp32", f"{tree}_bf16", kind)
         res["ratios"] = ratios
         if profile_steps:  # the bf16 step of each tree (profiling every variant would double the run)
             for name in [n for n in (f"{t}_bf16" for t in trees) if n in kids]:
