@@ -243,9 +243,6 @@ class TrainConfig:
     fast_dropout: bool = True
     pack_lines: bool = True  # recipe encoder: several short lines per row in training (same maths per line)
     batched_ssl: bool = True  # recipe SSL: the 6 component pairs in one batched loss (losses.recipe_ssl_loss_batched)
-    # under bf16 autocast, the recipe encoder's token embeddings (so its residual stream and LayerNorms) in bf16
-    # instead of float32 (training only; numerics: bf16 rounding of the stream, like the image path's)
-    autocast_embeddings: bool = True
 
     def __post_init__(self) -> None:
         _check(bool(self.run_name) and "/" not in self.run_name, "train.run_name",

@@ -191,18 +191,6 @@ class RecipeEncoder(nn.Module):
         self.instruction_merger = enc()
         self.proj = nn.Linear(3 * width, embed_dim)
         self.pack_lines = False  # training only: pack the word-level lines (train.pack_lines, see above)
-        # training under autocast only: token embeddings in the autocast dtype (train.autocast_embeddings), so
-        # the residual stream, dropout and LayerNorms run in bf16 instead of float32 with a cast per Linear
-        self.autocast_embeddings = False
-
-    def _stream_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype token embeddings enter the encoders in."""
-        if self.autocast_embeddings and self.training and torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return self.word_embedding.weight.dtype
-
-    def _embed(self, ids: Tensor) -> Tensor:
-        return self.word_embedding(ids).to(self._stream_dtype(ids.device))
 
     def encode_lines(self, ids: Tensor, word_enc: SingleTransformerEncoder,
                      merger: SingleTransformerEncoder) -> tuple[Tensor, Tensor, Tensor]:
@@ -211,7 +199,7 @@ class RecipeEncoder(nn.Module):
         flat = ids.reshape(B * N, T)
         real_tok = flat.ne(0)
         line_real = real_tok.any(dim=1)
-        lines = self.word_embedding.weight.new_zeros(B * N, self.width, dtype=self._stream_dtype(ids.device))
+        lines = self.word_embedding.weight.new_zeros(B * N, self.width)
         keep = line_real.nonzero(as_tuple=True)[0]
         if keep.numel() > 0:
             sel = flat.index_select(0, keep)
@@ -220,9 +208,9 @@ class RecipeEncoder(nn.Module):
             t_max = int(sel_real.any(dim=0).nonzero().max()) + 1
             if self.pack_lines and self.training:
                 pk = pack_lines(sel_real[:, :t_max])
-                pooled = word_enc.forward_packed(self._embed(sel[pk.line, pk.col]), pk)
+                pooled = word_enc.forward_packed(self.word_embedding(sel[pk.line, pk.col]), pk)
             else:
-                pooled, _ = word_enc(self._embed(sel[:, :t_max]), sel_real[:, :t_max])
+                pooled, _ = word_enc(self.word_embedding(sel[:, :t_max]), sel_real[:, :t_max])
             lines = lines.index_copy(0, keep, pooled.to(lines.dtype))
         lines = lines.view(B, N, self.width)
         line_mask = line_real.view(B, N)
@@ -237,7 +225,7 @@ class RecipeEncoder(nn.Module):
                 raise KeyError(f"recipe batch is missing {k!r}; expected keys {COMPONENTS}")
         title = batch["title"]
         t_real = title.ne(0)
-        e_t, t_tok = self.title_encoder(self._embed(title), t_real)
+        e_t, t_tok = self.title_encoder(self.word_embedding(title), t_real)
         e_g, g_tok, g_mask = self.encode_lines(batch["ingredients"], self.ingredient_encoder,
                                                self.ingredient_merger)
         e_s, s_tok, s_mask = self.encode_lines(batch["instructions"], self.instruction_encoder,

@@ -42,16 +42,14 @@ from tnlbt.train.precision import maybe_autocast
 
 def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> None:
     """Training-time speed settings of ``model`` (before its optimisers are built). The model computes the same
-    function: layouts and packing change no maths, the dropout masks come from another random stream of the same
-    distribution, and ``autocast_embeddings`` changes where bf16 rounding happens.
+    function: layouts and packing change no maths (up to float summation order), and the dropout masks come
+    from another random stream of the same distribution.
 
     * ``train.channels_last``: 4-d weights (convs) in NHWC memory; :class:`TrainStep` hands the images over in
       the same layout, so oneDNN (CPU) and cuDNN run their fastest kernels and skip layout reorders;
     * ``train.fast_dropout``: :class:`~tnlbt.models.dropout.FastDropout` for every ``nn.Dropout`` (CPU only:
       a cheaper mask of the same distribution; on CUDA it is ``nn.Dropout``);
-    * ``train.pack_lines``: the recipe encoder packs its word-level lines in training (no padded tokens);
-    * ``train.autocast_embeddings``: under autocast its token embeddings enter in bf16 (the one switch here
-      that rounds differently: the text residual stream in bf16, as the image path's activations already are).
+    * ``train.pack_lines``: the recipe encoder packs its word-level lines in training (no padded tokens).
     """
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -60,7 +58,6 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> None:
     encoder = getattr(model, "recipe_encoder", None)
     if encoder is not None:
         encoder.pack_lines = cfg.train.pack_lines
-        encoder.autocast_embeddings = cfg.train.autocast_embeddings
 
 
 def build_optimizers(model: nn.Module, cfg: Config) -> dict[str, torch.optim.Optimizer]:
