@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_quiet.py: the quiet-box rule
+import _quiet
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "ablations.json"
 PRESETS = ["demo_cpu", "ablation_no_dynamic_margin", "ablation_no_cross_decoder", "ablation_no_gan",
@@ -72,7 +75,7 @@ def _last_val(run: Path) -> dict[str, Any]:
 
 
 def run_one(preset: str, data: str, runs_dir: str, epochs: int, suffix: str, extra: list[str],
-            force: bool) -> dict[str, Any]:
+            force: bool, quiet: dict[str, Any]) -> dict[str, Any]:
     name = f"{preset}{suffix}"
     run = Path(runs_dir) / name
     train_cmd = [*_tnlbt(), "train", "--config", preset, "--data", data, "--name", name,
@@ -89,6 +92,7 @@ def run_one(preset: str, data: str, runs_dir: str, epochs: int, suffix: str, ext
         t = time.perf_counter()
         subprocess.run(eval_cmd, check=True, cwd=ROOT)
         entry["eval_wall_s"] = time.perf_counter() - t
+        entry["quiet"] = _quiet.finish(quiet)
     else:
         prev = _load().get("runs", {}).get(name, {})
         entry.update({k: v for k, v in prev.items() if k not in entry})
@@ -111,11 +115,13 @@ def main() -> int:
     ap.add_argument("--suffix", default=None, help="run-name suffix (default _e{epochs})")
     ap.add_argument("--force", action="store_true", help="retrain even if metrics_test.json exists")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every preset")
+    _quiet.add_arguments(ap)
     a = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    quiet = _quiet.from_args(a, "bench/ablations.py")
     suffix = a.suffix if a.suffix is not None else f"_e{a.epochs}"
     for p in a.presets.split(","):
-        run_one(p.strip(), a.data, a.runs_dir, a.epochs, suffix, list(a.overrides), a.force)
+        run_one(p.strip(), a.data, a.runs_dir, a.epochs, suffix, list(a.overrides), a.force, quiet)
     return 0
 
 

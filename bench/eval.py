@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from tnlbt.metrics import bag_indices, bagged_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_quiet.py: the quiet-box rule
+import _quiet
 
 
 def make_embeddings(n: int, dim: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +60,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "eval.json"))
+    _quiet.add_arguments(p)
     args = p.parse_args()
+    quiet = _quiet.from_args(args, "bench/eval.py")
 
     load_start = [round(v, 2) for v in os.getloadavg()]
     x, y = make_embeddings(args.pool, args.dim, args.noise, seed=0)
@@ -108,6 +114,7 @@ def main() -> None:
             for e, m, ec, mc in zip(eval_s, mm_s, eval_cpu, mm_cpu, strict=True)
         ],
         "metrics_last_rep": result,
+        "quiet": _quiet.finish(quiet),
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

@@ -4,7 +4,8 @@
     .venv/bin/python bench/gpu_check.py --device cpu --quick  # smoke run anywhere (tests do this; writes --out only)
 
 What it measures, on one device, with the real training code (``tnlbt.train.step.TrainStep`` and the optimisers
-of ``build_optimizers``, not a stand-in step):
+of ``build_optimizers``, prepared and stepped as the loop does (``prepare_model``, ``apply_update``), not a
+stand-in step):
 
 1. **matmul peak**: the best of a few large GEMMs in bf16 and fp32 (TF32 off) on this device, the yardstick
    for MFU (spec sheets differ from what a device sustains; both are recorded when the device is known).
@@ -38,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_quiet.py: the quiet-box rule
+
+import _quiet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Dense (no sparsity) peak TFLOP/s from the vendors' spec sheets, for the "MFU vs spec" figure only.
@@ -106,9 +110,10 @@ def train_step(cfg, vocab: int, n_ing: int, device, batch: int, warmup: int, ste
     """Samples/s of the real paired training step (all optimisers stepping) at ``batch`` rows, bf16 autocast."""
     import torch
 
-    from tnlbt.train.step import TrainStep, build_optimizers
+    from tnlbt.train.step import TrainStep, apply_update, build_optimizers, prepare_model
 
     model = _model(cfg, vocab, n_ing, device)
+    prepare_model(model, cfg, device)  # what the loop does: channels-last, dropout (nn.Dropout on CUDA)
     opts = build_optimizers(model, cfg)
     st = TrainStep(model, cfg, device=device, amp_dtype=torch.bfloat16)
     b = _batch(cfg, batch, vocab, n_ing, device)
@@ -116,9 +121,7 @@ def train_step(cfg, vocab: int, n_ing: int, device, batch: int, warmup: int, ste
     def one() -> None:
         for o in opts.values():
             o.zero_grad(set_to_none=True)
-        st.paired_step([b], 0.1)
-        for o in opts.values():
-            o.step()
+        apply_update(opts, st.paired_step([b], 0.1), cfg, 1, device)  # the loop's checks, clipping, steps
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -188,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny_test preset, batch 8, 2 steps (smoke run)")
     p.add_argument("--out", default=str(RESULTS / "gpu.json"))
+    _quiet.add_arguments(p)
     a = p.parse_args(argv)
+    # a smoke run (--quick, e.g. in the test suite) is no measurement: it runs on a busy box too
+    quiet = _quiet.from_args(a, "bench/gpu_check.py", allow_loaded=a.quick)
     device = torch.device(a.device)
     preset, steps, warmup = ("tiny_test", 2, 1) if a.quick else (a.preset, a.steps, a.warmup)
     cfg = Config.load(preset)
@@ -236,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     res["inference"] = inference(cfg, vocab, n_ing, device, 8 if a.quick else 256, warmup, steps)
     print(f"[gpu_check] inference {json.dumps(res['inference'])}", flush=True)
     res["seconds"] = round(time.time() - t0, 1)
+    res["quiet"] = _quiet.finish(quiet)
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_quiet.py: the quiet-box rule
+
+import _quiet
 
 from tnlbt.index.search import brute_force_topk
 from tnlbt.index.store import (
@@ -593,7 +596,9 @@ def main_tradeoff(argv: list[str]) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--plot", default=str(TRADEOFF_PLOT))
+    _quiet.add_arguments(p)
     a = p.parse_args(argv)
+    quiet = _quiet.from_args(a, "bench/index.py tradeoff")
     out = Path(a.out)
     workdir = Path(tempfile.mkdtemp(prefix="bench_tradeoff_"))
     try:
@@ -605,6 +610,7 @@ def main_tradeoff(argv: list[str]) -> int:
                 "qdrant-edge recall@10 / latency per search setting on one build per variant; "
                 "latency = store.search() incl. payload, median over queries interleaved across settings"
             )
+            run["quiet"] = _quiet.finish(quiet)
             section["runs"] = merge_run(section["runs"], run)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(doc, indent=1) + "\n")
@@ -642,7 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    _quiet.add_arguments(p)
     a = p.parse_args(argv)
+    quiet = _quiet.from_args(a, "bench/index.py")
     out = Path(a.out)
     doc = json.loads(out.read_text()) if out.exists() else {"results": []}
     workdir = Path(tempfile.mkdtemp(prefix="bench_index_"))
@@ -651,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in a.stores:
                 r = bench_one(s, n, a.dim, a.queries, a.k, workdir)
                 r["note"] = a.note
+                r["quiet"] = _quiet.finish(quiet)
                 print(json.dumps(r), flush=True)
                 doc["results"] = [
                     x for x in doc["results"] if not (x["store"] == s and x["n"] == n and x["dim"] == a.dim)

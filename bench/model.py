@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_quiet.py: the quiet-box rule
+
+import _quiet
 
 from tnlbt.config import Config, list_presets
 from tnlbt.models import TNLBT, create_model
@@ -290,7 +293,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    _quiet.add_arguments(ap)
     args = ap.parse_args()
+    quiet = _quiet.from_args(args, "bench/model.py")
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only or ["tiny", "demo", "paper", "survey"])
@@ -325,6 +330,7 @@ def main() -> int:
 
     def write() -> None:  # after every setting, so an interrupted run keeps what it measured
         result["settings"] = list(entries.values())
+        result["quiet"] = _quiet.finish(quiet)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

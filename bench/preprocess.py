@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_quiet.py: the quiet-box rule
+import _quiet
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -247,10 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
+    _quiet.add_arguments(p)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.data, args.out, args.cpus[0])))
         return 0
+    quiet = _quiet.from_args(args, "bench/preprocess.py")
 
     quick = args.quick
     load_start = list(os.getloadavg())
@@ -259,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
         result["decode"] = decode_cost([128, 256, 384, 512, 768], 40 if quick else 200, args.repeats or 3)
         result["decode"]["machine"] = _machine(load_start)
+        result["decode"]["quiet"] = _quiet.finish(quiet)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return 0
     n_tp = args.recipes or (2000 if quick else 20000)
@@ -331,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         result["memory_target"] = "ratio <= 1.2 (streaming)"
         corpus["memory_recipes"] = mem_sizes
         result["machine_memory"] = _machine(load_start)
+    result["quiet"] = _quiet.finish(quiet)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     keys = ("speedup", "memory_ratio_tree", "memory_ratio_driver")

@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_quiet.py: the quiet-box rule
+
+import _quiet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
 WORDS = [
@@ -263,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="")
     p.add_argument("--index-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="index settings of the bench index (tnlbt/index/store.py IndexSettings); repeatable")
+    _quiet.add_arguments(p)
     a = p.parse_args(argv)
+    quiet = _quiet.from_args(a, "bench/serve.py")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     url = a.url
@@ -312,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             r.update(setting)
             r["note"] = a.note
             r["load_avg_1m"] = round(os.getloadavg()[0], 2)
+            r["quiet"] = _quiet.finish(quiet)
             print(json.dumps(r), flush=True)
             doc["results"] = [
                 x

@@ -27,3 +27,71 @@ def test_gpu_check_smoke_on_cpu_writes_only_its_output(tmp_path, monkeypatch):
     assert {"image_b1", "image_b8", "recipe_b1", "recipe_b8"} <= set(res["inference"])
     after = {p.name: p.read_bytes() for p in (ROOT / "bench" / "results").glob("*.json")}
     assert after == before  # capacity keys are merged only from a real GPU run of the paper preset
+
+
+def _bench_module(name: str, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"tnlbt_bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, f"tnlbt_bench_{name}", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quiet_gate_refuses_a_busy_box_or_marks_the_result(monkeypatch, capsys):
+    """bench/_quiet.py: load >= the limit refuses (exit 3) or, allowed, returns valid=false; quiet is valid."""
+    import pytest
+
+    quiet = _bench_module("_quiet", monkeypatch)
+    monkeypatch.setattr(quiet.os, "getloadavg", lambda: (3.2, 2.0, 1.0))
+    with pytest.raises(SystemExit) as e:
+        quiet.gate("bench/x.py")
+    assert e.value.code == quiet.REFUSED and "Refusing" in capsys.readouterr().err
+    info = quiet.gate("bench/x.py", allow_loaded=True)
+    assert info["valid"] is False and info["load_average_at_start"] == [3.2, 2.0, 1.0]
+    monkeypatch.setattr(quiet.os, "getloadavg", lambda: (0.4, 0.5, 0.6))
+    info = quiet.gate("bench/x.py")
+    assert info["valid"] is True and info["max_load_1m"] == quiet.MAX_LOAD_1M
+    assert quiet.finish(info, max_end_load=0.3)["valid"] is False  # the load rose during the run
+    assert quiet.finish(info, max_end_load=2.0)["valid"] is True
+
+
+def test_train_bench_counts_the_whole_step_and_sorts_the_profile(monkeypatch):
+    """bench/train.py: its FLOP counter equals FlopCounterMode where that works, and also counts through the
+    WGAN-GP's autograd.grad; profile categories cover every op and the shares add up to the wall time."""
+    import torch
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bt = _bench_module("train", monkeypatch)
+    lin = torch.nn.Linear(16, 8)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x, im = torch.randn(5, 16), torch.randn(2, 3, 8, 8)
+
+    def work() -> None:
+        (lin(x).sum() + conv(im).sum()).backward()
+
+    with FlopCounterMode(display=False) as ref:
+        work()
+    mine = bt._flop_counter()
+    with mine:
+        work()
+    assert mine.total == ref.get_total_flops() > 0
+    z = torch.randn(4, 16, requires_grad=True)
+    mine = bt._flop_counter()
+    with mine:
+        (g,) = torch.autograd.grad(lin(z).sum(), z, create_graph=True)
+        g.pow(2).sum().backward()
+    assert mine.total > 0
+    assert bt._category("aten::bernoulli_") == "RNG (dropout masks, noise)"
+    assert bt._category("aten::_to_copy") == "casts and copies"
+    assert bt._category("aten::mkldnn_convolution") == "conv"
+    assert bt._category("aten::addmm") == "GEMM"
+    assert bt._category("aten::max_pool2d_with_indices") == "pooling"
+    with profile() as prof:
+        work()
+    summary = bt.summarize_profile(prof.key_averages(), wall_s=1.0, steps=1)
+    assert abs(sum(c["share"] for c in summary["categories"].values()) - 1.0) < 1e-3
+    assert summary["aten_calls_per_step"] > 0 and summary["top_ops"]

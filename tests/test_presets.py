@@ -16,7 +16,7 @@ ABLATIONS = {
     "ablation_no_cross_decoder": {("model", "cross_decoder")},
     "ablation_no_gan": {("model", "adversarial"), ("model", "generator")},
     "ablation_no_recipe_ssl": {("loss", "w_recipe_ssl"), ("train", "recipe_only_every")},
-    "ablation_small_batch": {("scaling", "cache_steps"), ("train", "batch_size")},
+    "ablation_small_batch": {("train", "batch_size")},  # demo_cpu has no feature cache to switch off
 }
 
 
@@ -58,7 +58,12 @@ def test_paper_preset() -> None:
 def test_demo_cpu_runs_offline_on_cpu() -> None:
     c = Config.load("demo_cpu")
     assert not c.scaling.use_gpu and c.model.image_pretrained == ""
-    assert global_batch(c) >= 4 * c.train.batch_size  # the large-batch machinery is exercised
+    # The large batch: every worker's rows are negatives for every other's (all-gather). One micro-batch per
+    # worker, since 96 rows fit; the feature cache is for batches that do not (tests/test_train_feature_cache.py).
+    assert c.scaling.num_workers >= 2 and c.scaling.cache_steps == 1
+    assert global_batch(c) >= 4 * global_batch(Config.load("ablation_small_batch"))
+    # recipe-only batches of one worker's paired rows (96), as with the 2 x 48 layout before
+    assert c.train.batch_size * c.train.recipe_only_batch_mult == 96
     assert c.model.cross_decoder and c.model.adversarial and c.model.generator
 
 
@@ -83,3 +88,4 @@ def test_ablation_switches_off_exactly_one_term(name: str) -> None:
         assert c.loss.w_recipe_ssl == 0 and c.train.recipe_only_every == 0
     elif name == "ablation_small_batch":
         assert c.scaling.cache_steps == 1 and global_batch(c) < global_batch(Config.load("demo_cpu"))
+        assert c.train.batch_size < Config.load("demo_cpu").train.batch_size

@@ -189,6 +189,7 @@ class OptimConfig:
     grad_clip: float = 0.0  # 0 = off
     freeze_backbone_epochs: int = 0  # image backbone frozen for the first N epochs (AdaMine/H-T stage 1)
     optimizer: Literal["adam", "adamw"] = "adam"  # main encoders (H-T: Adam, wd 0)
+    fused: bool = True  # Adam/AdamW as one fused kernel per optimiser (CPU and CUDA); false: PyTorch's default
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0")
@@ -245,6 +246,14 @@ class TrainConfig:
     shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer (with per-epoch block-order shuffle)
     image_pick: Literal["random", "first"] = "random"  # which of a recipe's photos a paired row uses
     val_max_rows: int = 0  # cap on val rows embedded per epoch (0 = the whole split)
+    # Step speed, not maths (tnlbt.train.step.prepare_model): conv weights and images channels-last (NHWC, the
+    # layout oneDNN and tensor cores run fastest), dropout masks from a cheaper generator on CPU
+    # (tnlbt/models/dropout.py: same distribution, another random stream), the recipe encoder's lines packed
+    # (tnlbt/models/recipe_encoder.py). false: the plain paths.
+    channels_last: bool = True
+    fast_dropout: bool = True
+    pack_lines: bool = True  # recipe encoder: several short lines per row in training (same maths per line)
+    batched_ssl: bool = True  # recipe SSL: the 6 component pairs in one batched loss (losses.recipe_ssl_loss_batched)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_name) and "/" not in self.run_name, "train.run_name",

@@ -190,6 +190,50 @@ def recipe_ssl_loss(components: Mapping[str, Tensor], project: Callable[[str, st
     return torch.stack(losses).mean()
 
 
+def local_triplet_totals(image: Tensor, recipe: Tensor, margin: float, kind: TripletKind = "ht") -> Tensor:
+    """:class:`TripletLoss` ``"total"`` (one rank, in-batch negatives) of P independent problems at once:
+    ``image``/``recipe`` (P, B, D) -> (P,). The same sums as P calls, a handful of batched ops instead of ~50
+    per call; the recipe->image distances are the transpose of the image->recipe ones (one product)."""
+    if image.ndim != 3 or image.shape != recipe.shape:
+        raise ValueError(f"expected two (P, B, D) stacks of the same shape; got {tuple(image.shape)} and "
+                         f"{tuple(recipe.shape)}")
+    b = image.shape[1]
+    x = F.normalize(image, dim=2)
+    y = F.normalize(recipe, dim=2)
+    d = 1.0 - torch.bmm(x, y.transpose(1, 2))  # d[p, i, j]: image anchor i vs recipe j
+    eye = torch.eye(b, dtype=torch.bool, device=d.device)
+    d_pos = torch.diagonal(d, dim1=1, dim2=2)  # (P, B)
+    total = d.new_zeros(d.shape[0])
+    for dist in (d, d.transpose(1, 2)):  # rows: image anchors, then recipe anchors
+        if kind == "hard":
+            if b > 1:
+                d_neg = dist.masked_fill(eye, float("inf")).min(dim=2).values
+                total = total + F.relu(margin + d_pos - d_neg).sum(dim=1) / b
+            continue
+        hinge = F.relu(margin + d_pos[:, :, None] - dist).masked_fill(eye, 0.0)
+        sums = hinge.sum(dim=(1, 2))
+        if kind == "ht":
+            total = total + sums / (b * b)
+        else:  # valid: mean over the active (non-zero) hinge terms, 0 when none is
+            total = total + sums / (hinge.detach() > 0).sum(dim=(1, 2)).clamp(min=1).to(sums.dtype)
+    return total
+
+
+def recipe_ssl_loss_batched(components: Mapping[str, Tensor],
+                            project_many: Callable[[list[tuple[str, str]], Tensor], Tensor], margin: float,
+                            kind: TripletKind = "ht") -> Tensor:
+    """:func:`recipe_ssl_loss` with local negatives, all ordered pairs at once: ``project_many(pairs, x)``
+    maps the stacked sources (P, B, W) through their P projectors (``TNLBT.ssl_project_many``), and
+    :func:`local_triplet_totals` scores the P problems together."""
+    names = [c for c in COMPONENTS if c in components]
+    if len(names) < 2:
+        raise ValueError(f"recipe SSL needs at least two of {COMPONENTS}; got {sorted(components)}")
+    pairs = [(a, b) for a in names for b in names if a != b]  # query a, value b projected into a's space
+    queries = torch.stack([components[a] for a, _ in pairs])
+    values = project_many([(b, a) for a, b in pairs], torch.stack([components[b] for _, b in pairs]))
+    return local_triplet_totals(queries, values.to(queries.dtype), margin, kind).mean()
+
+
 # -- adversarial modality alignment (ACME, WGAN-GP) ------------------------------------------------------
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module

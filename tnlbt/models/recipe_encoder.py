@@ -13,11 +13,17 @@ Padding rules (where H-T's ``mask[:, 0]`` trick is made exact):
 * lines: only non-empty lines go through the word-level encoder (empty lines are the bulk of a padded
   ``(B, N, T)`` batch, so this saves most of the work); empty lines get a 0 embedding and are masked out of
   the merger.
+* packing (training only, ``RecipeEncoder.pack_lines``, set by ``train.pack_lines``): the word-level encoders'
+  lines are packed several to a row (:func:`pack_lines`), each line attending only to itself with its own
+  positions, so the padding of short lines (half of the ingredient tokens of a batch) is not computed. Same
+  maths per line as the padded batch, up to float summation order; evaluation and inference keep the padded
+  path (and PyTorch's nested-tensor fast path there).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -44,10 +50,59 @@ def attention_padding_mask(real: Tensor) -> Tensor:
     return pad
 
 
+@dataclass
+class LinePacking:
+    """Where the real tokens of ``n`` lines go when packed into ``n_bins`` rows of ``width`` slots."""
+
+    line: Tensor  # (n_tok,) the line of each real token (row-major over the lines)
+    col: Tensor  # (n_tok,) its column in the line: its position
+    slot: Tensor  # (n_tok,) its flat slot in (n_bins * width)
+    lengths: Tensor  # (n,) real tokens per line
+    n_bins: int
+    width: int
+
+
+def pack_lines(real: Tensor) -> LinePacking:
+    """Pack lines (``real`` (n, T) bool, every line with a real token) into rows of T slots: the longest line
+    left opens a row and the shortest lines left fill it while they fit (two pointers over the lines sorted
+    by length; each row holds whole lines, in any order). One host sync (the lengths)."""
+    n, width = real.shape
+    lengths = real.sum(dim=1)
+    lens = lengths.tolist()
+    order = sorted(range(n), key=lambda i: -lens[i])
+    row, offset = [0] * n, [0] * n
+    lo, hi, n_bins = 0, n - 1, 0
+    while lo <= hi:
+        a = order[lo]
+        row[a], used = n_bins, lens[a]
+        lo += 1
+        while lo <= hi and used + lens[order[hi]] <= width:
+            b = order[hi]
+            row[b], offset[b] = n_bins, used
+            used += lens[b]
+            hi -= 1
+        n_bins += 1
+    line, col = real.nonzero(as_tuple=True)
+    rank = (real.cumsum(dim=1) - 1)[line, col]
+    start = torch.tensor(row, device=real.device) * width + torch.tensor(offset, device=real.device)
+    return LinePacking(line, col, start[line] + rank, lengths, n_bins, width)
+
+
+def packed_attention_mask(pk: LinePacking, heads: int) -> Tensor:
+    """(n_bins * heads, width, width) bool, True = masked: a token attends to the tokens of its own line only;
+    empty slots attend to themselves (never a row without a key, which would be NaN)."""
+    seg = torch.full((pk.n_bins * pk.width,), -1, dtype=torch.long, device=pk.line.device)
+    seg = seg.index_copy(0, pk.slot, pk.line).view(pk.n_bins, pk.width)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+    allowed |= torch.eye(pk.width, dtype=torch.bool, device=seg.device)
+    return (~allowed).repeat_interleave(heads, dim=0)
+
+
 _FASTPATH_LOCK = threading.Lock()
 
 
-def _run_without_fastpath(encoder: nn.TransformerEncoder, h: Tensor, pad: Tensor) -> Tensor:
+def _run_without_fastpath(encoder: nn.TransformerEncoder, h: Tensor, pad: Tensor | None,
+                          mask: Tensor | None = None) -> Tensor:
     """Run ``encoder`` with PyTorch's fused fast path off.
 
     torch 2.14 checks only CUDA autocast before taking the fused kernel, so CPU bf16 autocast inference (what
@@ -58,7 +113,7 @@ def _run_without_fastpath(encoder: nn.TransformerEncoder, h: Tensor, pad: Tensor
         before = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            return encoder(h, src_key_padding_mask=pad)
+            return encoder(h, mask=mask, src_key_padding_mask=pad)
         finally:
             torch.backends.mha.set_fastpath_enabled(before)
 
@@ -96,6 +151,26 @@ class SingleTransformerEncoder(nn.Module):
             h = self.encoder(h, src_key_padding_mask=pad)
         return masked_mean(h, real), h
 
+    def forward_packed(self, tokens: Tensor, pk: LinePacking) -> Tensor:
+        """Embedded real tokens (n_tok, W) of lines packed as ``pk`` says -> pooled (n, W): per line the same
+        as :meth:`forward` on the padded lines (positions from each token's column, attention within its
+        line, mean over its tokens)."""
+        if pk.width > self.max_positions:
+            raise ValueError(f"sequence length {pk.width} exceeds model.text_max_positions={self.max_positions}")
+        w = tokens.shape[-1]
+        x = tokens + self.pos.index_select(0, pk.col).to(tokens.dtype)  # index_select: a cheap backward
+        h = x.new_zeros(pk.n_bins * pk.width, w).index_copy(0, pk.slot, x).view(pk.n_bins, pk.width, w)
+        h = self.drop(h)
+        layer = self.encoder.layers[0]
+        mask = packed_attention_mask(pk, layer.self_attn.num_heads)
+        if torch.is_autocast_enabled(h.device.type) and h.device.type != "cuda":
+            h = _run_without_fastpath(self.encoder, h, None, mask)
+        else:
+            h = self.encoder(h, mask=mask)
+        out = h.reshape(-1, w).index_select(0, pk.slot).float()
+        sums = out.new_zeros(pk.lengths.shape[0], w).index_add(0, pk.line, out)
+        return (sums / pk.lengths.clamp(min=1).to(sums.dtype)[:, None]).to(h.dtype)
+
 
 class RecipeEncoder(nn.Module):
     """H-T hierarchical recipe encoder: (title, ingredients, instructions) ids -> (B, D) plus components."""
@@ -115,6 +190,7 @@ class RecipeEncoder(nn.Module):
         self.ingredient_merger = enc()
         self.instruction_merger = enc()
         self.proj = nn.Linear(3 * width, embed_dim)
+        self.pack_lines = False  # training only: pack the word-level lines (train.pack_lines, see above)
 
     def encode_lines(self, ids: Tensor, word_enc: SingleTransformerEncoder,
                      merger: SingleTransformerEncoder) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +206,11 @@ class RecipeEncoder(nn.Module):
             sel_real = real_tok.index_select(0, keep)
             # Drop the all-pad tail columns of the kept lines.
             t_max = int(sel_real.any(dim=0).nonzero().max()) + 1
-            pooled, _ = word_enc(self.word_embedding(sel[:, :t_max]), sel_real[:, :t_max])
+            if self.pack_lines and self.training:
+                pk = pack_lines(sel_real[:, :t_max])
+                pooled = word_enc.forward_packed(self.word_embedding(sel[pk.line, pk.col]), pk)
+            else:
+                pooled, _ = word_enc(self.word_embedding(sel[:, :t_max]), sel_real[:, :t_max])
             lines = lines.index_copy(0, keep, pooled.to(lines.dtype))
         lines = lines.view(B, N, self.width)
         line_mask = line_real.view(B, N)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -104,6 +105,14 @@ class TNLBT(nn.Module):
         if key not in self.ssl_proj:
             raise KeyError(f"no SSL projector {key!r}; components are {COMPONENTS}, src != dst")
         return self.ssl_proj[key](x)
+
+    def ssl_project_many(self, pairs: list[tuple[str, str]], x: Tensor) -> Tensor:
+        """:meth:`ssl_project` of P (src, dst) pairs at once: ``x`` (P, B, W) -> (P, B, W), one batched
+        product with the P projectors' weights stacked."""
+        mods = [self.ssl_proj[f"{a}->{b}"] for a, b in pairs]
+        weight = torch.stack([m.weight for m in mods])  # (P, W_out, W_in)
+        bias = torch.stack([m.bias for m in mods])[:, None, :]
+        return torch.baddbmm(bias, x, weight.transpose(1, 2))
 
     def cross_decode(self, img_tokens: Tensor, rec_tokens: Tensor, rec_mask: Tensor) -> dict[str, Tensor]:
         """Fuse image tokens with recipe tokens -> {"fused": (B, D), "itm_logits": (B, 2)}, 1 = match."""

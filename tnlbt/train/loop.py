@@ -43,8 +43,8 @@ import torch
 
 from tnlbt import storage
 from tnlbt.config import Config
-from tnlbt.distributed import all_reduce_grads, any_rank, broadcast_model
-from tnlbt.losses import check_finite, grads_finite, margin_at
+from tnlbt.distributed import any_rank, broadcast_model
+from tnlbt.losses import margin_at
 from tnlbt.train import checkpoint as ckpt_mod
 from tnlbt.train.backend import Backend, Rows, count_rows
 from tnlbt.train.lr import lr_factor, set_lr
@@ -95,7 +95,7 @@ def run_training(
     if n_paired is None:
         n_paired = count_rows(storage.join(data_uri, "train"))[0]
     steps_per_epoch = _checked_steps_per_epoch(cfg, n_paired, backend.world_size)
-    state = _resume(parts, backend, run_dir)
+    state = _resume(cfg, parts, backend, run_dir)
     _sync_replicas(parts.model, cfg, backend, state.step)
 
     is_main = backend.rank == 0
@@ -138,13 +138,14 @@ class _Parts:
 
 def _build(cfg: Config, backend: Backend, data_uri: str) -> _Parts:
     from tnlbt.models import create_model
-    from tnlbt.train.step import TrainStep, build_optimizers
+    from tnlbt.train.step import TrainStep, build_optimizers, prepare_model
 
     vocab_tokens = _load_json(storage.join(data_uri, "vocab.json"))["tokens"]
     ingredient_names = _load_json(storage.join(data_uri, "ingredients.json"))["names"]
     torch.manual_seed(cfg.train.seed)  # same init on every rank (and broadcast below anyway)
     model = create_model(cfg, len(vocab_tokens), len(ingredient_names)).to(backend.device)
     model.train()
+    prepare_model(model, cfg, backend.device)
     optimizers = build_optimizers(model, cfg)
     amp_dtype = resolve_precision(cfg.train.precision, backend.device)
     step_fn = TrainStep(
@@ -167,8 +168,10 @@ def _checked_steps_per_epoch(cfg: Config, n_paired: int, world: int) -> int:
     return steps
 
 
-def _resume(parts: _Parts, backend: Backend, run_dir: str | Path) -> LoopState:
+def _resume(cfg: Config, parts: _Parts, backend: Backend, run_dir: str | Path) -> LoopState:
     """Weights, optimiser states, loop state and RNG states from the checkpoint to resume from, if there is one."""
+    from tnlbt.train.step import load_optimizer_state
+
     state = LoopState()
     with contextlib.ExitStack() as stack:
         rdir = _checkpoint_to_resume(stack, backend, run_dir)
@@ -179,7 +182,7 @@ def _resume(parts: _Parts, backend: Backend, run_dir: str | Path) -> LoopState:
         if ts is not None:
             for name, opt in parts.optimizers.items():
                 if name in ts.get("optimizers", {}):
-                    opt.load_state_dict(ts["optimizers"][name])
+                    load_optimizer_state(opt, ts["optimizers"][name], cfg)
             saved = ts.get("loop", {})
             state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__annotations__})
             ckpt_mod.set_rng_state(ts.get("rng"))
@@ -241,7 +244,9 @@ class _Training:
         writer: MetricsWriter,
     ) -> None:
         from tnlbt.data.collate import collate
+        from tnlbt.train.step import apply_update
 
+        self._apply_update = apply_update
         self.cfg, self.backend, self.parts, self.state = cfg, backend, parts, state
         self.model, self.optimizers, self.step_fn = parts.model, parts.optimizers, parts.step_fn
         self.steps_per_epoch = steps_per_epoch
@@ -253,8 +258,6 @@ class _Training:
         self.image_tf_eval = self.model.image_transform(False)
         # photo pick + augmentation
         self.data_rng = random.Random(cfg.train.seed * 7919 + backend.rank * 104729 + state.step)
-        self.main_params = [p for g in self.optimizers["main"].param_groups for p in g["params"]]
-        self.all_params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
         self.bs, self.k_steps = cfg.train.batch_size, cfg.scaling.cache_steps
         self.recipe_bs = self.bs * cfg.train.recipe_only_batch_mult
         self.use_recipe_only = cfg.train.recipe_only_every > 0 and cfg.loss.w_recipe_ssl > 0
@@ -376,22 +379,15 @@ class _Training:
 
     def _finish_step(self, terms: dict[str, float]) -> bool:
         """All-reduce gradients, skip non-finite steps on every rank together, clip, step. True if stepped."""
-        all_reduce_grads(self.all_params, self.world)
-        bad = bool(check_finite(terms)) or not grads_finite(self.all_params)
-        if any_rank(bad, self.world, self.device):
-            self.state.skipped_steps += 1
-            self._zero_grad()
-            log.warning(
-                "non-finite loss or gradient at step %d: step skipped (%d so far)",
-                self.state.step,
-                self.state.skipped_steps,
-            )
-            return False
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.main_params, self.cfg.optim.grad_clip)
-        for opt in self.optimizers.values():
-            opt.step()
-        return True
+        if self._apply_update(self.optimizers, terms, self.cfg, self.world, self.device):
+            return True
+        self.state.skipped_steps += 1
+        log.warning(
+            "non-finite loss or gradient at step %d: step skipped (%d so far)",
+            self.state.step,
+            self.state.skipped_steps,
+        )
+        return False
 
     def _zero_grad(self) -> None:
         for opt in self.optimizers.values():
