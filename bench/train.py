@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -741,6 +742,8 @@ def main() -> int:
         _memory_child(a.preset, a.memory_child, a.micro, a.budget_mib, a.max_global)
         return 0
     quiet = _quiet.from_args(a, "bench/train.py")
+    # a terminated run still closes its step children (the finally blocks run on SystemExit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = set(a.only.split(","))
     if "peak" in only:
         _save("peak", matmul_peak(), quiet, a.out)

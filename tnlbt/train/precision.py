@@ -26,10 +26,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """Autocast dtype for the forward passes, or None for fp32.
 
     ``auto``: bf16 on CUDA devices that support it; on CPU bf16 when the CPU has bf16 units, else fp32.
-    Measured on a quiet box with AMX: a demo_cpu training step runs 1.16-1.3x faster under bf16 autocast
-    than in fp32 (a 2048^3 GEMM alone: 2,339 against 392 GFLOP/s), which is why ``auto`` takes bf16 on such
-    CPUs. Parameters, optimiser state and the losses stay fp32 (autocast only lowers matmuls/convs), so no
-    loss scaling is needed. ``fp32`` / ``bf16`` force the choice (tests use fp32 for exact comparisons).
+    Measured on the quiet 2-core build box (AMD EPYC, AVX512-BF16, no AMX), interleaved in one run: the demo_cpu
+    paired step runs 1.44 x faster under bf16 autocast than in fp32 (a 2048^3 GEMM alone: 398 against
+    168 GFLOP/s; bench/results/train.json, ``step``), which is why ``auto`` takes bf16 on such CPUs.
+    Parameters, optimiser state and the losses stay fp32 (autocast only lowers matmuls/convs), so no loss scaling
+    is needed. ``fp32`` / ``bf16`` force the choice (tests use fp32 for exact comparisons).
     """
     if precision == "bf16":
         return torch.bfloat16

@@ -10,11 +10,11 @@
   through the object store each epoch.
 * Rows reach the worker as Arrow batches (``iter_batches(batch_format="pyarrow")`` -> ``to_pylist()``), never
   through ``iter_torch_batches`` (token lists and JPEG bytes are not tensors). JPEG decoding and augmentation
-  happen in the worker's collate. Measured (bench/results/train.json, ``decode`` and ``flops``): decode +
-  random crop/flip costs 0.4-0.65 ms per 64 px image on one core, against ~50 ms of training compute per
-  sample, while a decoded float32 image is 15.6x the bytes of its JPEG. A Ray Data ``map_batches`` decode
-  stage would push 15x more bytes through the object store, and on a small box it competes for the same
-  cores, to save ~1% of the step.
+  happen in the worker's collate. Measured (bench/results/train.json, ``decode`` (loaded) and ``step``): decode +
+  random crop/flip costs 0.4-0.65 ms per 64 px image on one core, against ~8 ms of training compute per sample
+  on two threads (a 96-row paired step), while a decoded float32 image is 15.6x the bytes of its JPEG. A Ray
+  Data ``map_batches`` decode stage would push 15x more bytes through the object store, and on a small box it
+  competes for the same cores, to save ~5% of the step.
 * Resources: on a small CPU box two workers that each hold a whole CPU leave Ray Data none and the feed hangs
   (stack-notes §1). A local ``ray.init`` therefore gets ``scaling.ray_num_cpus`` logical CPUs (default
   ``max(4, 2 x workers)``) and workers ask for ``scaling.cpus_per_worker`` (fractional is fine).
