@@ -7,14 +7,15 @@ import pytest
 from tnlbt.config import Config, configs_dir, list_presets
 
 EXPECTED = {"tiny_test", "demo_cpu", "recipe1m_vit_b16", "ablation_no_dynamic_margin",
-            "ablation_no_cross_decoder",
-            "ablation_no_gan", "ablation_no_recipe_ssl", "ablation_small_batch"}
+            "ablation_no_cross_decoder", "ablation_no_translation", "ablation_no_critic",
+            "ablation_no_recipe_ssl", "ablation_small_batch", "ht_baseline"}
 
 # ablation -> the only (section, key) pairs allowed to differ from demo_cpu (besides train.run_name)
 ABLATIONS = {
     "ablation_no_dynamic_margin": {("loss", "margin_schedule")},  # constant at loss.margin (0.3, the max)
     "ablation_no_cross_decoder": {("model", "cross_decoder")},
-    "ablation_no_gan": {("model", "adversarial"), ("model", "generator")},
+    "ablation_no_translation": {("model", "generator")},
+    "ablation_no_critic": {("model", "adversarial")},
     "ablation_no_recipe_ssl": {("loss", "w_recipe_ssl"), ("train", "recipe_only_every")},
     "ablation_small_batch": {("train", "batch_size")},  # demo_cpu has no feature cache to switch off
 }
@@ -82,10 +83,26 @@ def test_ablation_switches_off_exactly_one_term(name: str) -> None:
         assert c.loss.margin_schedule == "constant"
     elif name == "ablation_no_cross_decoder":
         assert not c.model.cross_decoder
-    elif name == "ablation_no_gan":
-        assert not c.model.adversarial and not c.model.generator
+    elif name == "ablation_no_translation":
+        assert not c.model.generator and c.model.adversarial and c.model.ingredient_head
+    elif name == "ablation_no_critic":
+        assert not c.model.adversarial and c.model.generator
     elif name == "ablation_no_recipe_ssl":
         assert c.loss.w_recipe_ssl == 0 and c.train.recipe_only_every == 0
     elif name == "ablation_small_batch":
         assert c.scaling.cache_steps == 1 and global_batch(c) < global_batch(Config.load("demo_cpu"))
         assert c.train.batch_size < Config.load("demo_cpu").train.batch_size
+
+
+def test_ht_baseline_is_ht_at_scaled_batch() -> None:
+    """H-T's loss and fixed margin, recipe SSL, no TNLBT/ACME extras, and demo_cpu's batch x 128 / 768."""
+    c, full, paper = Config.load("ht_baseline"), Config.load("demo_cpu"), Config.load("recipe1m_vit_b16")
+    assert c.loss.triplet == "ht" and c.loss.margin_schedule == "constant" and c.loss.margin == 0.3
+    assert c.loss.w_recipe_ssl > 0 and c.train.recipe_only_every > 0
+    m = c.model
+    assert not (m.cross_decoder or m.adversarial or m.generator or m.ingredient_head)
+    assert global_batch(c) == global_batch(full) * 128 // global_batch(paper)
+    assert global_batch(Config.load("ablation_small_batch")) == global_batch(c)
+    # the same encoders as the full preset: the comparison is about the method
+    for k in ("embed_dim", "text_width", "text_layers", "image_model", "image_size", "dropout"):
+        assert getattr(m, k) == getattr(full.model, k)

@@ -45,7 +45,7 @@ def test_wheel_holds_one_top_level_package_with_its_data(installed: dict[str, Pa
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"tnlbt"}, tops  # no top-level serve/ or ui/ to collide with other distributions
-    for needed in ("tnlbt/presets/demo_cpu.yaml", "tnlbt/presets/ablation_no_gan.yaml",
+    for needed in ("tnlbt/presets/demo_cpu.yaml", "tnlbt/presets/ablation_no_translation.yaml",
                    "tnlbt/serve/app.py", "tnlbt/serve/config.yaml", "tnlbt/ui/app.py", "tnlbt/runs.py"):
         assert needed in names, needed
 
@@ -55,9 +55,9 @@ def test_installed_wheel_runs_without_the_source_tree(installed: dict[str, Path]
     assert where.returncode == 0, where.stderr
     assert all(line.startswith(str(installed["site"])) for line in where.stdout.split()), where.stdout
 
-    cfg = _run(installed, "-m", "tnlbt", "config", "--config", "ablation_no_gan")  # an overlay on demo_cpu
+    cfg = _run(installed, "-m", "tnlbt", "config", "--config", "ablation_no_translation")  # an overlay on demo_cpu
     assert cfg.returncode == 0, cfg.stderr
-    assert '"generator": false' in cfg.stdout and '"run_name": "ablation_no_gan"' in cfg.stdout
+    assert '"generator": false' in cfg.stdout and '"run_name": "ablation_no_translation"' in cfg.stdout
 
     out = installed["cwd"] / "synth"
     synth = _run(installed, "-m", "tnlbt", "synth", "--out", str(out), "--recipes", "12", "--workers", "1",
