@@ -64,7 +64,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "no_recipe_ssl": ("ablation_no_recipe_ssl", []),
     "small_batch_epochs": ("ablation_small_batch", []),
     "small_batch_steps": ("ablation_small_batch", ["train.max_steps_per_epoch={full_steps}"]),
-    "partial_aug": ("demo_cpu", ["train.partial_recipes=true"]),
+    "partial_aug": ("demo_cpu", ["train.partial_recipes=0.5"]),
 }
 METHOD = ("each run: tnlbt train --no-ray (seeded order and init) for the same train.epochs, best checkpoint by val "
           "R@1, tnlbt eval --split test (1k bags); per setting mean and 95% t-interval over seeds; per setting the "

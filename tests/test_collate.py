@@ -166,3 +166,54 @@ def test_recipe_dataset_filters_and_row_groups(tmp_path) -> None:
         ds[11]
     with pytest.raises(ValueError):
         RecipeDataset(split, paired_only=True, recipe_only=True)
+
+
+# -- query forms and partial-recipe augmentation (issue 11 §3) ------------------------------------------------
+def test_recipe_form_keeps_exactly_the_named_components() -> None:
+    from tnlbt.data.collate import QUERY_FORMS
+
+    rows = [_row(random.Random(i), i, 1) for i in range(4)]
+    full = collate(rows, n_ingredients=10, with_images=False)
+    expect = {"full": {"title", "ingredients", "instructions"}, "title": {"title"},
+              "ingredients": {"ingredients"}, "title+ingredients": {"title", "ingredients"},
+              "instructions": {"instructions"}}
+    assert set(expect) == set(QUERY_FORMS)
+    for form, kept in expect.items():
+        b = collate(rows, n_ingredients=10, with_images=False, form=form)
+        for comp in ("title", "ingredients", "instructions"):
+            if comp in kept:
+                assert torch.equal(b[comp], full[comp]), (form, comp)
+            else:
+                assert not b[comp].any(), (form, comp)  # all padding: the encoder masks it
+        assert torch.equal(b["ingredient_labels"], full["ingredient_labels"])  # labels are the recipe's, whole
+    with pytest.raises(ValueError, match="query form"):
+        collate(rows, n_ingredients=10, with_images=False, form="ingredient")
+
+
+def test_partial_recipes_off_draws_nothing_and_on_cuts_every_row() -> None:
+    from tnlbt.data.collate import PartialRecipes
+
+    rows = [_row(random.Random(i), i, 0) for i in range(40)]
+    for r in rows:  # several lines each, so a line subset is visible
+        r["ingredient_ids"] = [[1, 3 + j, 2] for j in range(6)]
+    rng = random.Random(5)
+    off = collate(rows, n_ingredients=10, with_images=False, partial=PartialRecipes(0.0), rng=rng)
+    assert rng.random() == random.Random(5).random()  # prob 0: the data stream is untouched (same runs as before)
+    plain = collate(rows, n_ingredients=10, with_images=False)
+    assert not off["partial"].any() and all(torch.equal(off[k], plain[k]) for k in plain)
+
+    on = collate(rows, n_ingredients=10, with_images=False, partial=PartialRecipes(1.0, 0.5), rng=random.Random(1))
+    assert on["partial"].all()
+    shapes = set()
+    for i in range(len(rows)):
+        has = tuple(bool(on[c][i].any()) for c in ("title", "ingredients", "instructions"))
+        assert has != (True, True, True) and any(has), has  # a partial form, never empty
+        shapes.add(has)
+        lines = {tuple(x.tolist()) for x in on["ingredients"][i] if x.any()}
+        full = [list(x) for x in rows[i]["ingredient_ids"]]
+        assert lines <= {tuple(x + [0] * (on["ingredients"].shape[2] - len(x))) for x in full}
+        if has[1]:
+            assert 1 <= len(lines) <= 6
+    assert len(shapes) >= 3  # the four forms are all drawn over 40 rows
+    kept = [int(on["ingredients"][i].any(dim=1).sum()) for i in range(len(rows)) if on["ingredients"][i].any()]
+    assert min(kept) >= 1 and np.mean(kept) < 5  # about half the lines (line_keep 0.5), at least one

@@ -75,7 +75,8 @@ class FakeModel:
 
     def encode_recipe(self, batch: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
         out = torch.zeros(batch["title"].shape[0], 4)
-        out[:, 1] = batch["title"][:, 1].float()
+        if batch["title"].shape[1] > 1:  # a query form without a title pads it to one empty column
+            out[:, 1] = batch["title"][:, 1].float()
         out[:, 3] = 1.0
         return out
 
@@ -99,6 +100,16 @@ def test_embed_split_aligns_rows_sorts_ids_and_skips_bad_rows(tmp_path: Path) ->
     # Batch size does not change the result.
     again = embed_pairs(FakeModel(), tmp_path / "test", batch_size=64)
     np.testing.assert_array_equal(again["image_emb"], out["image_emb"])
+
+
+def test_embed_pairs_per_query_form(tmp_path: Path) -> None:
+    """The recipe side cut to a form; the photos whole. FakeModel's recipe vector is its title token."""
+    write_split(tmp_path / "test", [_row(i) for i in range(9)])
+    out = embed_pairs(FakeModel(), tmp_path / "test", batch_size=4, forms=["title", "ingredients"])
+    np.testing.assert_array_equal(out["recipe_emb_forms"]["title"], out["recipe_emb"])
+    assert not out["recipe_emb_forms"]["ingredients"][:, 1].any()  # no title in an ingredients-only query
+    np.testing.assert_array_equal(out["image_emb"], embed_pairs(FakeModel(), tmp_path / "test")["image_emb"])
+    assert "recipe_emb_forms" not in embed_pairs(FakeModel(), tmp_path / "test")
 
 
 def test_embed_split_errors(tmp_path: Path) -> None:
@@ -141,7 +152,10 @@ def test_cli_eval_end_to_end_tiny_model(tmp_path: Path) -> None:
     args = argparse.Namespace(run=str(run), split="test", data=None, bags=2, mode=None)
     assert cli_eval(args) == 0
     res = json.loads((run / "metrics_test.json").read_text())
-    assert set(res) == {"10", "notes", "meta"}  # 1000 > 16 rows: skipped with a note
+    assert set(res) == {"10", "notes", "meta", "query_forms"}  # 1000 > 16 rows: skipped with a note
+    assert set(res["query_forms"]) == {"full", "title", "ingredients", "title+ingredients", "instructions"}
+    assert res["query_forms"]["full"]["10"] == res["10"]
+    assert res["query_forms"]["title"]["10"]["image_to_recipe"]["medR"]["mean"] >= 1.0
     assert res["meta"]["n_pairs"] == 16 and res["meta"]["n_bags"] == 2
     r1 = res["10"]["image_to_recipe"]["R@1"]
     assert 0.0 <= r1["mean"] <= 1.0 and res["10"]["recipe_to_image"]["medR"]["mean"] >= 1.0

@@ -164,6 +164,18 @@ def test_local_run_learns_and_checkpoints(tmp_path: Path, toy_data: Path) -> Non
     assert png.exists() and png.stat().st_size > 10_000
 
 
+def test_partial_recipes_train_with_finite_losses(tmp_path: Path, toy_data: Path) -> None:
+    """Every paired row cut to a partial form: the step runs, SSL leaves the cut rows out (0, not NaN)."""
+    cfg = tiny_cfg(tmp_path, toy_data, "train.epochs=1", "train.max_steps_per_epoch=3", "train.run_name=part",
+                   "train.partial_recipes=1.0")
+    summary = _run_local(cfg, toy_data)
+    assert summary["final_step"] == 3 and summary["skipped_steps"] == 0
+    train = [r for r in read_jsonl(tmp_path / "runs" / "part" / "metrics.jsonl") if r["kind"] == "train"]
+    assert train and all(np.isfinite(r["loss/loss"]) for r in train)
+    assert all(r["loss/recipe_ssl"] == 0.0 for r in train)  # no whole recipe in a paired batch
+    assert any(r.get("loss/recipe_only_ssl", 0) > 0 for r in train)  # recipe-only batches stay whole
+
+
 def test_fault_injection_then_resume_matches_uninterrupted(tmp_path: Path, toy_data: Path) -> None:
     """Rank 0 dies at global step 6 (epoch 1); rerunning the same name resumes from the epoch-0 checkpoint
     and ends at the same step count and margin as an uninterrupted run."""

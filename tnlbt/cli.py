@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties", choices=["optimistic", "pessimistic"], default=None,
                    help="rank rule for exact ties: optimistic = 1 + #strictly closer (default, H-T's medR), "
                    "pessimistic = #closer or equal (default: the run's eval.ties)")
+    p.add_argument("--query-forms", default="all", metavar="FORMS",
+                   help="also score recipes cut to a query form: all (default: full, title, ingredients, "
+                   "title+ingredients, instructions), full (whole recipes only), or a comma list")
 
     p = sub.add_parser("plot", help="training curves of a run as PNG")
     p.add_argument("run", help="run directory (runs/NAME)")

@@ -246,6 +246,11 @@ class TrainConfig:
     shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer (with per-epoch block-order shuffle)
     image_pick: Literal["random", "first"] = "random"  # which of a recipe's photos a paired row uses
     val_max_rows: int = 0  # cap on val rows embedded per epoch (0 = the whole split)
+    # Partial-recipe augmentation (tnlbt.data.collate.PartialRecipes): this share of paired rows is cut to a title,
+    # ingredients, title + ingredients or instructions (uniformly), keeping each line of a kept list with
+    # probability partial_line_keep; those rows are left out of the recipe self-supervision. 0 = off.
+    partial_recipes: float = 0.0
+    partial_line_keep: float = 0.5
     # Step speed, not maths (tnlbt.train.step.prepare_model): conv weights and images channels-last (NHWC, the
     # layout oneDNN and tensor cores run fastest), dropout masks from a cheaper generator on CPU
     # (tnlbt/models/dropout.py: same distribution, another random stream), the recipe encoder's lines packed
@@ -270,6 +275,8 @@ class TrainConfig:
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0 (0 = off)")
         _check(self.val_max_rows >= 0, "train.val_max_rows", "must be >= 0")
+        _check(0.0 <= self.partial_recipes <= 1.0, "train.partial_recipes", "must be in [0, 1]")
+        _check(0.0 < self.partial_line_keep <= 1.0, "train.partial_line_keep", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,16 @@ def embed_pairs(
     batch_size: int = 64,
     image_pick: Literal["first", "random"] = "first",
     device: str | torch.device = "cpu",
+    forms: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Embed the paired rows of one processed split.
 
     Returns ``{"ids": list[str], "image_emb": (N, D) float32, "recipe_emb": (N, D) float32, "skipped": int,
-    "skipped_ids": list[str] (first 20)}``, rows sorted by recipe id. ``model`` needs ``encode_image``,
-    ``encode_recipe`` and ``image_transform(train=False)`` (docs/contracts.md §4); it is put in eval mode.
-    A batch that fails to collate is retried row by row so one bad photo costs one row, not the batch.
+    "skipped_ids": list[str] (first 20)}``, rows sorted by recipe id, and, when ``forms`` names query forms
+    (:data:`tnlbt.data.collate.QUERY_FORMS`), ``"recipe_emb_forms": {form: (N, D)}``: the same recipes cut to
+    that form (title only, ingredients only, ...). ``model`` needs ``encode_image``, ``encode_recipe`` and
+    ``image_transform(train=False)`` (docs/contracts.md §4); it is put in eval mode. A batch that fails to
+    collate is retried row by row so one bad photo costs one row, not the batch.
     """
     from tnlbt.data.collate import collate
 
@@ -75,14 +78,19 @@ def embed_pairs(
     ids: list[str] = []
     img_parts: list[np.ndarray] = []
     rec_parts: list[np.ndarray] = []
+    form_parts: dict[str, list[np.ndarray]] = {f: [] for f in forms}
     skipped: list[str] = []
 
     def encode(rows: Sequence[Mapping[str, Any]], batch: dict[str, torch.Tensor]) -> None:
         b = _to_device(batch, dev)
         img = model.encode_image(b["image"], normalize=True)
         rec = model.encode_recipe(b, normalize=True)
+        cut = {f: model.encode_recipe(_to_device(collate(rows, n_ingredients=1, with_images=False, form=f), dev),
+                                      normalize=True) for f in forms}
         img_parts.append(img.float().cpu().numpy())
         rec_parts.append(rec.float().cpu().numpy())
+        for f, e in cut.items():
+            form_parts[f].append(e.float().cpu().numpy())
         ids.extend(str(r["id"]) for r in rows)
 
     n_read = 0
@@ -105,13 +113,17 @@ def embed_pairs(
     image_emb = np.concatenate(img_parts).astype(np.float32, copy=False)
     recipe_emb = np.concatenate(rec_parts).astype(np.float32, copy=False)
     order = np.argsort(np.asarray(ids), kind="stable")
-    return {
+    out: dict[str, Any] = {
         "ids": [ids[i] for i in order],
         "image_emb": np.ascontiguousarray(image_emb[order]),
         "recipe_emb": np.ascontiguousarray(recipe_emb[order]),
         "skipped": len(skipped),
         "skipped_ids": skipped[:20],
     }
+    if forms:
+        out["recipe_emb_forms"] = {f: np.ascontiguousarray(np.concatenate(v).astype(np.float32)[order])
+                                   for f, v in form_parts.items()}
+    return out
 
 
 def _row_batches(split_dir: str | Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -169,13 +181,20 @@ def cli_eval(args: argparse.Namespace) -> int:
         ecfg = dataclasses.replace(ecfg, ties=ties)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
+    forms = _query_forms(getattr(args, "query_forms", "all"))
     t0 = time.perf_counter()
-    emb = embed_pairs(model, split_dir, batch_size=max(1, min(cfg.train.batch_size, 256)), device=device)
+    emb = embed_pairs(model, split_dir, batch_size=max(1, min(cfg.train.batch_size, 256)), device=device,
+                      forms=[f for f in forms if f != "full"])
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = evaluate_embeddings(emb["image_emb"], emb["recipe_emb"], ecfg)
+    by_form = {f: evaluate_embeddings(emb["image_emb"], e, ecfg) for f, e in emb.get("recipe_emb_forms", {}).items()}
     t_metrics = time.perf_counter() - t0
     out = dict(metrics)
+    if by_form:
+        # the recipe side cut to each form, the photos whole: a title-only query against the photos
+        # (recipe->image) and a photo against a catalog of title-only recipes (image->recipe)
+        out["query_forms"] = {"full": metrics} | by_form
     out["meta"] = {
         "checkpoint": str(ckpt),
         "split": args.split,
@@ -198,5 +217,33 @@ def cli_eval(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"{args.split}: {len(emb['ids'])} pairs ({emb['skipped']} skipped), checkpoint {ckpt}")
     print(format_table(metrics))
+    if by_form:
+        print(format_forms(out["query_forms"]))
     print(f"wrote {path}")
     return 0
+
+
+def _query_forms(spec: str | None) -> list[str]:
+    """``--query-forms``: "all" (default), "full" (only the whole recipe), or a comma list of forms."""
+    from tnlbt.data.collate import QUERY_FORMS
+
+    if spec in (None, "", "all"):
+        return list(QUERY_FORMS)
+    forms = [f.strip() for f in spec.split(",") if f.strip()]
+    bad = [f for f in forms if f not in QUERY_FORMS]
+    if bad:
+        raise ValueError(f"--query-forms: unknown {bad}; choose from all, {', '.join(QUERY_FORMS)}")
+    return forms
+
+
+def format_forms(by_form: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line per query form: medR, R@1 and R@10 both directions at the first bag size."""
+    lines = ["query form          | i2r medR  R@1   R@10 | r2i medR  R@1   R@10"]
+    for form, m in by_form.items():
+        setting = next(k for k, v in m.items() if isinstance(v, Mapping) and "image_to_recipe" in v)
+        cells = []
+        for d in ("image_to_recipe", "recipe_to_image"):
+            r = m[setting][d]
+            cells.append(f"{r['medR']['mean']:8.1f} {r['R@1']['mean']:5.3f} {r['R@10']['mean']:6.3f}")
+        lines.append(f"{form:<19} | {cells[0]} | {cells[1]}")
+    return "\n".join(lines)

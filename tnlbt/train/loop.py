@@ -243,7 +243,7 @@ class _Training:
         run: RunFiles,
         writer: MetricsWriter,
     ) -> None:
-        from tnlbt.data.collate import collate
+        from tnlbt.data.collate import PartialRecipes, collate
         from tnlbt.train.step import apply_update
 
         self._apply_update = apply_update
@@ -258,6 +258,8 @@ class _Training:
         self.image_tf_eval = self.model.image_transform(False)
         # photo pick + augmentation
         self.data_rng = random.Random(cfg.train.seed * 7919 + backend.rank * 104729 + state.step)
+        tc = cfg.train
+        self.partial = PartialRecipes(tc.partial_recipes, tc.partial_line_keep) if tc.partial_recipes > 0 else None
         self.bs, self.k_steps = cfg.train.batch_size, cfg.scaling.cache_steps
         self.recipe_bs = self.bs * cfg.train.recipe_only_batch_mult
         self.use_recipe_only = cfg.train.recipe_only_every > 0 and cfg.loss.w_recipe_ssl > 0
@@ -268,7 +270,8 @@ class _Training:
         self.bad_batches = 0
 
     def collate(self, rows: Rows, train: bool = True, with_images: bool = True) -> Batch | None:
-        """Tensors of a batch of rows; None (logged) when a row is broken."""
+        """Tensors of a batch of rows; None (logged) when a row is broken. Partial recipes (when on) only in
+        paired training batches: recipe-only batches exist for the self-supervision, which needs whole recipes."""
         try:
             return self._collate_rows(
                 rows,
@@ -277,6 +280,7 @@ class _Training:
                 image_pick=self.cfg.train.image_pick if train else "first",
                 rng=self.data_rng,
                 with_images=with_images,
+                partial=self.partial if train and with_images else None,
             )
         except Exception as e:  # a broken row must not kill a multi-day run: skip the batch, count it
             log.warning("collate failed (%s: %s); batch skipped", type(e).__name__, e)

@@ -224,7 +224,12 @@ class TrainStep:
             with maybe_autocast(self.device, self.amp_dtype):
                 if self.use_ssl:
                     comps = {c: rec[c].float() for c in COMPONENTS if c in rec}
-                    terms["recipe_ssl"] = self._ssl(comps, margin)
+                    cut = mb.get("partial")  # partial-recipe rows: a missing component has nothing to match
+                    if cut is not None:
+                        comps = {c: v[~cut] for c, v in comps.items()}
+                    # every rank reports the same terms (they are all-reduced), so a batch of cut rows adds 0
+                    terms["recipe_ssl"] = (self._ssl(comps, margin) if len(next(iter(comps.values()))) >= 2
+                                           else rec_emb.sum() * 0.0)
                 if self.use_adv:
                     terms["adv"] = L.modality_gen_loss(model.modality_disc, rec_emb)
                     d = L.modality_disc_loss(model.modality_disc, img_emb, rec_emb, lc.gp_weight)
