@@ -164,6 +164,35 @@ def test_local_run_learns_and_checkpoints(tmp_path: Path, toy_data: Path) -> Non
     assert png.exists() and png.stat().st_size > 10_000
 
 
+def test_seeded_rows_deal_equal_disjoint_shards_and_one_rank_keeps_the_old_order(toy_data: Path) -> None:
+    import pyarrow as pa
+
+    from tnlbt.config import Config
+    from tnlbt.train.backend import SeededRows
+    from tnlbt.train.ray_trainer import use_in_memory
+
+    def rows(rank: int = 0, world: int = 1) -> SeededRows:
+        r = SeededRows(toy_data, seed=3, rank=rank, world=world)
+        r._paired = pa.table({"id": list(range(r._paired.num_rows))})  # the model columns carry no id
+        return r
+
+    ids = lambda batches: [x["id"] for b in batches for x in b]  # noqa: E731
+    one = rows()
+    n = one._paired.num_rows
+    # world 1: the permutation the one-process loop always used (seed, epoch, stream), in full batches of 8
+    order = np.random.default_rng([3, 2, 0]).permutation(n)
+    assert ids(one.paired_batches(2, 8)) == order[: n // 8 * 8].tolist()
+    shards = [ids(rows(r, 3).paired_batches(2, 4)) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == (n // 3) // 4 * 4  # ranks stay in step
+    assert not set(shards[0]) & set(shards[1]) and not set(shards[1]) & set(shards[2])
+    assert shards[0] == ids(rows(0, 3).paired_batches(2, 4))  # reproducible
+    assert shards[0] != ids(rows(0, 3).paired_batches(3, 4))  # a new order every epoch
+    assert sum(len(b) for b in rows(1, 3).recipe_batches(0, 2)) > 0
+    assert use_in_memory(Config.load("tiny_test"), toy_data)
+    assert not use_in_memory(Config.load("tiny_test", ["train.in_memory_max_mb=0"]), toy_data)
+    assert not use_in_memory(Config.load("tiny_test", ["train.data_path=ray_data"]), toy_data)
+
+
 def test_partial_recipes_train_with_finite_losses(tmp_path: Path, toy_data: Path) -> None:
     """Every paired row cut to a partial form: the step runs, SSL leaves the cut rows out (0, not NaN)."""
     cfg = tiny_cfg(tmp_path, toy_data, "train.epochs=1", "train.max_steps_per_epoch=3", "train.run_name=part",

@@ -41,6 +41,7 @@ def ray_run(ray_session, tmp_path_factory) -> tuple[Path, Path, dict]:
             "train.recipe_only_batch_mult=1",
             "train.fail_at_step=5",
             "train.val_bag_size=32",
+            "train.data_path=ray_data",  # the streaming path (a toy split would be read into memory by auto)
         ],
     )
     summary = fit(cfg, data)
@@ -89,6 +90,7 @@ def test_rerun_same_name_resumes(ray_run) -> None:
             "train.max_steps_per_epoch=4",
             "train.recipe_only_batch_mult=1",
             "train.val_bag_size=32",
+            "train.data_path=ray_data",
         ],
     )
     out = fit(cfg, data)

@@ -299,9 +299,11 @@ def test_ray_two_workers_on_remote_storage(ray_session, s3) -> None:
     """2 Ray Train workers, Ray's storage on the object store (the route reaches the workers through
     ``worker_runtime_env`` even though the session's Ray cluster started without it)."""
     from tnlbt.train.checkpoint import is_complete
-    from tnlbt.train.ray_trainer import fit
+    from tnlbt.train.ray_trainer import fit, use_in_memory
 
-    out = fit(_ray_cfg("ray2", "train.epochs=1", "train.max_steps_per_epoch=2"), DATA_URI)
+    cfg = _ray_cfg("ray2", "train.epochs=1", "train.max_steps_per_epoch=2")
+    assert use_in_memory(cfg, DATA_URI)  # auto: the toy split is read into each worker (tests/test_train_ray: Ray Data)
+    out = fit(cfg, DATA_URI)
     assert out["final_step"] == 2 and out["final_epoch"] == 1
     run = f"{RUNS_URI}/ray2"
     recs = _remote_jsonl(f"{run}/metrics.jsonl")

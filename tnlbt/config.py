@@ -244,6 +244,12 @@ class TrainConfig:
     fail_at_step: int = -1  # fault injection for tests: rank 0 raises once at this global step
     max_failures: int = 2
     shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer (with per-epoch block-order shuffle)
+    # Where a Ray Train worker's rows come from: Ray Data streaming shards, or the train split read into each
+    # worker's memory and dealt by a seeded permutation (tnlbt.train.backend.SeededRows: no per-epoch executor
+    # start-up, no read tasks on the training cores, a reproducible order). auto: in memory when the train and
+    # val Parquet parts together are at most in_memory_max_mb (each worker holds one copy).
+    data_path: Literal["auto", "ray_data", "in_memory"] = "auto"
+    in_memory_max_mb: int = 1024
     image_pick: Literal["random", "first"] = "random"  # which of a recipe's photos a paired row uses
     val_max_rows: int = 0  # cap on val rows embedded per epoch (0 = the whole split)
     # Partial-recipe augmentation (tnlbt.data.collate.PartialRecipes): this share of paired rows is cut to a title,
@@ -275,6 +281,7 @@ class TrainConfig:
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
         _check(self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0 (0 = off)")
         _check(self.val_max_rows >= 0, "train.val_max_rows", "must be >= 0")
+        _check(self.in_memory_max_mb >= 0, "train.in_memory_max_mb", "must be >= 0")
         _check(0.0 <= self.partial_recipes <= 1.0, "train.partial_recipes", "must be in [0, 1]")
         _check(0.0 < self.partial_line_keep <= 1.0, "train.partial_line_keep", "must be in (0, 1]")
 

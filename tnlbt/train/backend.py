@@ -81,21 +81,20 @@ def count_rows(split_dir: str | Path) -> tuple[int, int]:
     return int(has.sum()), int((~has).sum())
 
 
-class LocalBackend:
-    """One process: rows read with pyarrow, reshuffled every epoch with a seeded generator."""
+class SeededRows:
+    """A train split held in memory (pyarrow), dealt to ``world`` ranks with one seeded permutation per epoch.
 
-    def __init__(
-        self, data_dir: str | Path, seed: int, resume: str | Path | None = None, device: torch.device | None = None
-    ) -> None:
+    Every rank draws the same permutation (seed, epoch, stream) and takes rows ``rank, rank + world, ...`` of
+    it, cut to the same count on every rank so the ranks stay in step (their collectives match). With
+    ``world=1`` this is the one-process order. No Ray Data: for a split this small the streaming executor's
+    start-up each epoch and its read tasks on the workers' cores cost more than the training (issue 10 §3).
+    ``val`` is read once, on first use (rank 0 embeds it).
+    """
+
+    def __init__(self, data_dir: str | Path, seed: int, rank: int = 0, world: int = 1) -> None:
         import pyarrow.compute as pc
 
-        self.rank, self.world_size = 0, 1
-        self.device = device or torch.device("cpu")
-        self.seed = seed
-        # a remote URI stays a string (Path would fold "s3://" into "s3:/"); the loop downloads it
-        self._resume: Path | str | None = (
-            (os.fspath(resume) if storage.is_remote(resume) else Path(resume)) if resume else None
-        )
+        self.seed, self.rank, self.world = seed, rank, world
         table = read_split_table(storage.join(os.fspath(data_dir), "train"), list(MODEL_COLUMNS))
         self._paired = table.filter(pc.field("has_image"))
         self._recipe = table.filter(~pc.field("has_image"))
@@ -105,7 +104,9 @@ class LocalBackend:
     def _batches(self, table, epoch: int, batch_size: int, salt: int) -> Iterator[Rows]:
         n = table.num_rows
         order = np.random.default_rng([self.seed, epoch, salt]).permutation(n)
-        for i in range(0, n - batch_size + 1, batch_size):  # drop_last: every step sees a full batch
+        if self.world > 1:
+            order = order[self.rank :: self.world][: n // self.world]
+        for i in range(0, len(order) - batch_size + 1, batch_size):  # drop_last: every step sees a full batch
             yield table.take(order[i : i + batch_size]).to_pylist()
 
     def paired_batches(self, epoch: int, batch_size: int) -> Iterator[Rows]:
@@ -121,6 +122,23 @@ class LocalBackend:
             self._val = read_split_table(self._val_dir, list(MODEL_COLUMNS)).filter(pc.field("has_image"))
         for i in range(0, self._val.num_rows, batch_size):
             yield self._val.slice(i, batch_size).to_pylist()
+
+
+class LocalBackend:
+    """One process: rows read with pyarrow, reshuffled every epoch with a seeded generator."""
+
+    def __init__(
+        self, data_dir: str | Path, seed: int, resume: str | Path | None = None, device: torch.device | None = None
+    ) -> None:
+        self.rank, self.world_size = 0, 1
+        self.device = device or torch.device("cpu")
+        # a remote URI stays a string (Path would fold "s3://" into "s3:/"); the loop downloads it
+        self._resume: Path | str | None = (
+            (os.fspath(resume) if storage.is_remote(resume) else Path(resume)) if resume else None
+        )
+        rows = SeededRows(data_dir, seed)
+        self.paired_batches, self.recipe_batches, self.val_batches = (
+            rows.paired_batches, rows.recipe_batches, rows.val_batches)
 
     @contextlib.contextmanager
     def resume_dir(self) -> Iterator[Path | str | None]:

@@ -1,7 +1,14 @@
 """``tnlbt train``: Ray Train V2 ``TorchTrainer`` launcher around the plain loop in :mod:`tnlbt.train.loop`.
 
-* Data: the preprocess output is read as Ray Data datasets. ``train`` (paired rows) and ``train_recipe``
-  (recipe-only rows) are split across workers (``DataConfig(datasets_to_split=[...])``, which uses
+* Data, small splits (``train.data_path``, auto: train + val Parquet up to ``train.in_memory_max_mb``): each
+  worker reads the split once into memory and deals itself rows from one seeded permutation per epoch
+  (:class:`tnlbt.train.backend.SeededRows`; the same order as ``--no-ray`` for one worker). Measured on the
+  demo (issue 10 §3): with Ray Data every epoch began with an 8-10 s wait for the streaming executor, val was
+  re-read each epoch (9.3 s) and the read tasks took the training cores; a whole demo epoch took ~95 s
+  against ~36 s for the same rows in one process.
+* Data, big splits (``ray_data``): the preprocess output is read as Ray Data datasets. ``train`` (paired
+  rows) and ``train_recipe`` (recipe-only rows) are split across workers
+  (``DataConfig(datasets_to_split=[...])``, which uses
   ``streaming_split(equal=True)`` so every worker gets the same number of rows and the ranks stay in step);
   ``val`` is not split (rank 0 embeds it). Reshuffling each epoch is the cheap kind:
   ``randomize_block_order()``
@@ -49,7 +56,7 @@ import torch
 from tnlbt import storage
 from tnlbt.config import Config
 from tnlbt.data.schema import MODEL_COLUMNS
-from tnlbt.train.backend import LocalBackend, Rows, count_rows, split_parquet_files
+from tnlbt.train.backend import LocalBackend, Rows, SeededRows, count_rows, split_parquet_files
 from tnlbt.train.loop import run_training
 
 log = logging.getLogger(__name__)
@@ -59,7 +66,8 @@ log = logging.getLogger(__name__)
 class RayBackend:
     """The loop's view of a Ray Train worker: rank, device, dataset shards, checkpoints, report."""
 
-    def __init__(self, shuffle_buffer: int, resume: str | None) -> None:
+    def __init__(self, shuffle_buffer: int, resume: str | None, in_memory: tuple[str, int] | None = None) -> None:
+        """``in_memory=(data_dir, seed)``: rows from :class:`SeededRows` instead of Ray Data shards."""
         import ray.train
         import ray.train.torch
 
@@ -69,6 +77,11 @@ class RayBackend:
         self.device = ray.train.torch.get_device()
         self._shuffle = shuffle_buffer or None
         self._resume = resume
+        if in_memory is not None:
+            rows = SeededRows(in_memory[0], in_memory[1], self.rank, self.world_size)
+            self.paired_batches, self.recipe_batches, self.val_batches = (
+                rows.paired_batches, rows.recipe_batches, rows.val_batches)
+            return
         self._paired = ray.train.get_dataset_shard("train")
         try:
             self._recipe = ray.train.get_dataset_shard("train_recipe")
@@ -131,7 +144,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     cfg = Config.from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
-    backend = RayBackend(cfg.train.shuffle_buffer, config.get("resume"))
+    in_memory = (config["data_dir"], cfg.train.seed) if config.get("in_memory") else None
+    backend = RayBackend(cfg.train.shuffle_buffer, config.get("resume"), in_memory)
     return run_training(cfg, backend, config["data_dir"], config["run_dir"], n_paired=config["n_paired"])
 
 
@@ -212,6 +226,17 @@ def _ensure_ray(cfg: Config) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+def use_in_memory(cfg: Config, data_dir: str | Path) -> bool:
+    """``train.data_path``: auto = in memory when the train + val Parquet parts are at most ``in_memory_max_mb``."""
+    if cfg.train.data_path != "auto":
+        return cfg.train.data_path == "in_memory"
+    total = 0
+    for split in ("train", "val"):
+        fs, files = split_parquet_files(storage.join(os.fspath(data_dir), split))
+        total += sum(info.size for info in fs.get_file_info(files))
+    return total <= cfg.train.in_memory_max_mb * 2**20
+
+
 def fit(cfg: Config, data_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
     """Run ``TorchTrainer.fit()`` and return the rank-0 summary (``Result.return_value`` or last metrics)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -221,6 +246,7 @@ def fit(cfg: Config, data_dir: str | Path, resume: str | None = None) -> dict[st
     run_dir = run_dir_for(cfg)
     _write_config(cfg, run_dir)
     n_paired, n_recipe = count_rows(storage.join(os.fspath(data_dir), "train"))
+    in_memory = use_in_memory(cfg, data_dir)
     _ensure_ray(cfg)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
@@ -240,6 +266,7 @@ def fit(cfg: Config, data_dir: str | Path, resume: str | None = None) -> dict[st
             "resume": _norm_resume(resume),
             "n_paired": n_paired,
             "torch_threads": threads,
+            "in_memory": in_memory,
         },
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -250,16 +277,17 @@ def fit(cfg: Config, data_dir: str | Path, resume: str | None = None) -> dict[st
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env=storage.ray_runtime_env() or None,  # the routes, for a Ray started earlier
         ),
-        datasets=build_datasets(data_dir),
-        dataset_config=DataConfig(datasets_to_split=["train", "train_recipe"]),
+        **({} if in_memory else {"datasets": build_datasets(data_dir),
+                                 "dataset_config": DataConfig(datasets_to_split=["train", "train_recipe"])}),
     )
     log.info(
-        "training %s: %d paired + %d recipe-only train rows, %d workers, global batch %d",
+        "training %s: %d paired + %d recipe-only train rows, %d workers, global batch %d, rows %s",
         run_dir,
         n_paired,
         n_recipe,
         sc.num_workers,
         cfg.train.batch_size * sc.num_workers * sc.cache_steps,
+        "in each worker's memory (train.data_path)" if in_memory else "streamed by Ray Data",
     )
     result = trainer.fit()
     out = result.return_value if getattr(result, "return_value", None) else (result.metrics or {})
