@@ -73,6 +73,20 @@ def test_driver_stage_counts_without_ray(hostile, tmp_path) -> None:
     per_shard = [len(Path(s).read_text().splitlines()) for s in raw["shards"]]
     assert sum(per_shard) == raw["kept_before_photos"]
     assert max(per_shard) <= CFG.rows_per_file
+    # The vocabulary's counts, taken while reading, against counting the paired train shards afterwards.
+    from collections import Counter
+
+    from tnlbt.data.preprocess import record_cost
+    from tnlbt.data.vocab import count_words
+
+    brute: Counter[str] = Counter()
+    for shard in (s for s in raw["shards"] if Path(s).name.startswith("train-p-")):
+        for line in Path(shard).read_text().splitlines():
+            r = json.loads(line)
+            count_words([r["title"], *r["ingredients"], *r["instructions"]], brute)
+    assert raw["word_counts"] == brute and brute
+    assert raw["shard_costs"] == {s: sum(record_cost(json.loads(x)) for x in Path(s).read_text().splitlines())
+                                  for s in raw["shards"]}
 
 
 @pytest.mark.ray
@@ -201,8 +215,18 @@ def test_rebalance_small_corpus_keeps_every_line(tmp_path) -> None:
     assert sorted(lines) == list(range(110)) and len(out) == 5  # 28-row shards: 4 train + 1 val
     assert all(Path(s).name.split("-")[0] == ("val" if "val" in s else "train") for s in out)
     assert rebalance_shards(out, tmp_path, min_shards=2) == out  # enough shards: untouched
-    capped = rebalance_shards(out[:1], tmp_path, min_shards=4, min_rows=32, max_rows=16)  # 28 train rows
+    costs: dict[str, float] = {}
+    capped = rebalance_shards(out[:1], tmp_path, min_shards=4, min_rows=32, max_rows=16, costs=costs)  # 28 rows
     assert [len(Path(s).read_text().splitlines()) for s in capped] == [16, 12]  # never above rows_per_file
+    assert [costs[s] for s in capped] == [16.0, 12.0]  # text-only records: one unit each
+
+
+def test_largest_shards_are_scheduled_first() -> None:
+    from tnlbt.data.preprocess import PHOTO_COST, largest_first, record_cost
+
+    assert record_cost({"image_ids": ["a", "b"]}) == 1 + 2 * PHOTO_COST and record_cost({}) == 1
+    costs = {"a": 5.0, "b": 50.0, "c": 5.0, "d": 70.0}
+    assert largest_first(["a", "b", "c", "d", "e"], costs) == ["d", "b", "a", "c", "e"]  # stable among equals
 
 
 def test_shard_task_resumes_from_done_marker(hostile, tmp_path) -> None:

@@ -7,10 +7,10 @@ Stages
    validated (:mod:`tnlbt.data.recipe1m`), de-duplicated (first valid record wins), joined with the two
    lookups and written once as JSON Lines shards of ``rows_per_file`` recipes per split and kind: ``p`` (at
    least one photo listed) and ``r`` (train recipes without photos). Nothing holds all of layer1 in memory.
-2. **Vocabulary (Ray Data).** Word counts over the *paired train* shards (train recipes with a photo listed in
-   layer2, H-T's ``train.txt`` definition) in parallel tasks, merged in the driver; words with count >=
-   ``min_word_count`` form ``vocab.json``. Ingredient labels: cleaned det_ingrs names of the same recipes with
-   count >= ``min_ingredient_count`` form ``ingredients.json``.
+2. **Vocabulary.** Word counts over the *paired train* records (train recipes with a photo listed in
+   layer2, H-T's ``train.txt`` definition), taken in stage 1 as each record is written (after the text caps);
+   words with count >= ``min_word_count`` form ``vocab.json``. Ingredient labels: cleaned det_ingrs names of
+   the same recipes with count >= ``min_ingredient_count`` form ``ingredients.json``.
 3. **Process (Ray Data, streaming).** One dataset of shard paths -> ``map_batches`` on a task pool (one shard
    per call, ``compute=TaskPoolStrategy(size=cpus)``): tokenise, decode/convert/resize photos, write the
    shard's Parquet file (row groups of ``row_group_rows``; tmp file + rename) and return only its counters.
@@ -236,6 +236,22 @@ class Tally:
 
 
 # -- stage 1: stream the raw files into JSONL shards --------------------------------------------------
+# A shard's work in stage 3 is mostly its photos (open, decode, resize, re-encode: milliseconds each) against a
+# fraction of a millisecond of text per record; the estimate orders the shards largest first, so the last task
+# to start is a small one and the tail is short (issue 10 §4).
+PHOTO_COST = 20.0
+
+
+def record_cost(record: dict[str, Any]) -> float:
+    """Estimated stage-3 work of one shard record, in units of one record's text."""
+    return 1.0 + PHOTO_COST * len(record.get("image_ids") or ())
+
+
+def largest_first(shards: list[str], costs: dict[str, float]) -> list[str]:
+    """Shards by estimated work, largest first (ties: the given order)."""
+    return sorted(shards, key=lambda s: -costs.get(s, 0.0))
+
+
 class _ShardWriter:
     """JSON Lines shards ``{split}-{kind}-{k:05d}.jsonl`` of at most ``rows`` records each.
 
@@ -248,10 +264,11 @@ class _ShardWriter:
 
     def __init__(self, folder: str | os.PathLike[str], rows: int):
         self.folder, self.rows = os.fspath(folder), rows
-        # (split, kind) -> [stream, rows written, pending lines, pending bytes]
+        # (split, kind) -> [stream, rows written, pending lines, pending bytes, path]
         self.open: dict[tuple[str, str], list[Any]] = {}
         self.next_index: Counter[tuple[str, str]] = Counter()
         self.paths: list[str] = []
+        self.costs: Counter[str] = Counter()  # path -> estimated work (record_cost), for largest-first scheduling
 
     @staticmethod
     def _drain(entry: list[Any]) -> None:
@@ -269,10 +286,11 @@ class _ShardWriter:
                 entry[0].close()
             path = storage.join(self.folder, f"{split}-{kind}-{self.next_index[key]:05d}.jsonl")
             self.next_index[key] += 1
-            entry = [storage.open_output(path), 0, [], 0]
+            entry = [storage.open_output(path), 0, [], 0, path]
             self.open[key] = entry
             self.paths.append(path)
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        self.costs[entry[4]] += record_cost(record)
         entry[1] += 1
         entry[2].append(line)
         entry[3] += len(line)
@@ -368,6 +386,7 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
     records, dropped, truncated = Tally(), Tally(), Tally()
     seen: set[str] = set()
     label_counts: Counter[str] = Counter()
+    words: Counter[str] = Counter()  # the vocabulary's counts, taken here where every record is read anyway
     paired_train = 0
     n_input = 0
     matched_l2 = 0
@@ -400,11 +419,12 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
             if split != "train" and not image_ids:
                 dropped.add("no_image_eval", rid)
                 continue
-            if split == "train" and paired:
-                paired_train += 1
-                label_counts.update(labels)
             for cut in cap_text(rec, cfg.max_title_chars, cfg.max_line_chars, cfg.max_lines):
                 truncated.add(cut, rid)
+            if split == "train" and paired:  # H-T's vocabulary: paired train recipes, as written to the shards
+                paired_train += 1
+                label_counts.update(labels)
+                count_words([rec["title"], *rec["ingredients"], *rec["instructions"]], words)
             rec.update(image_ids=image_ids, labels=labels)
             writer.write(split, "p" if paired or split != "train" else "r", rec)
     finally:
@@ -419,6 +439,8 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
         "kept_before_photos": len(seen) - dropped.total(),
         "paired_train": paired_train,
         "label_counts": label_counts,
+        "word_counts": words,
+        "shard_costs": dict(writer.costs),
         "layer2": dict(l2),
         "det_ingrs": dict(dc),
         "parse_errors": parse_errors,
@@ -427,13 +449,14 @@ def read_raw(data_dir: str | os.PathLike[str], shard_dir: str | os.PathLike[str]
 
 def rebalance_shards(
     shards: list[str], folder: str | os.PathLike[str], min_shards: int, min_rows: int = 32,
-    max_rows: int | None = None,
+    max_rows: int | None = None, costs: dict[str, float] | None = None,
 ) -> list[str]:
     """Split a small corpus into more, smaller shards so every CPU gets work (files stay <= ``max_rows``, the
     config's rows_per_file: ``min_rows`` alone made a 17-row shard with rows_per_file 16).
 
     Only when there are fewer than ``min_shards`` shards, i.e. a corpus small enough to rewrite cheaply. Shards
-    are read, deleted and written whole (one object each on an object store).
+    are read, deleted and written whole (one object each on an object store). ``costs`` (path -> estimated
+    work), when given, is updated for the new shards.
     """
     if len(shards) >= min_shards:
         return shards
@@ -456,6 +479,8 @@ def rebalance_shards(
             path = storage.join(folder, f"{key}-{k // size:05d}.jsonl")
             storage.write_text(path, "".join(lines[k : k + size]))
             out.append(path)
+            if costs is not None:
+                costs[path] = sum(record_cost(json.loads(line)) for line in lines[k : k + size])
     return out
 
 
@@ -465,19 +490,6 @@ def _iter_shard(path: str | os.PathLike[str], data: bytes | None = None) -> Iter
     for line in text.split("\n"):  # not splitlines(): see _split_lines
         if line.strip():
             yield json.loads(line)
-
-
-# -- stage 2: vocabulary --------------------------------------------------------------------------------
-def count_shard_words(path: str | os.PathLike[str]) -> Counter[str]:
-    """Word counts of title + ingredient + instruction lines of every record in one shard."""
-    counter: Counter[str] = Counter()
-    for rec in _iter_shard(path):
-        count_words([rec["title"], *rec["ingredients"], *rec["instructions"]], counter)
-    return counter
-
-
-def _count_words_batch(batch: dict[str, Any]) -> dict[str, list[str]]:
-    return {"counts": [json.dumps(count_shard_words(p)) for p in batch["path"]]}
 
 
 # -- stage 3: process one shard -----------------------------------------------------------------------------
@@ -765,24 +777,13 @@ def preprocess(
 
         _progress_bars()
         n_tasks = num_cpus or int(cfg.preprocess_cpus) or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        raw["shards"] = rebalance_shards(raw["shards"], shard_dir, 2 * n_tasks, max_rows=cfg.rows_per_file)
+        raw["shards"] = rebalance_shards(raw["shards"], shard_dir, 2 * n_tasks, max_rows=cfg.rows_per_file,
+                                         costs=raw["shard_costs"])
 
-        # Stage 2: vocabulary from paired train shards (parallel word counts).
+        # Stage 2: vocabulary from the word counts of stage 1 (a separate Ray job re-reading the paired train
+        # shards cost 4.4 s of serial start-up on the 20k corpus, issue 10 §4).
         t0 = time.perf_counter()
-        train_p = [s for s in raw["shards"] if _name(s).startswith("train-p-")]
-        words: Counter[str] = Counter()
-        if train_p:
-            ds = ray.data.from_items([{"path": s} for s in train_p], override_num_blocks=len(train_p))
-            counts = ds.map_batches(
-                _count_words_batch,
-                batch_size=1,
-                num_cpus=1,
-                compute=TaskPoolStrategy(size=min(n_tasks, len(train_p))),
-                **_task_remote_args(),
-            )
-            for row in counts.iter_rows():
-                words.update(json.loads(row["counts"]))
-        vocab = build_vocab(words, cfg.min_word_count)
+        vocab = build_vocab(raw["word_counts"], cfg.min_word_count)
         ingr_vocab = build_ingredient_vocab(raw["label_counts"], cfg.min_ingredient_count)
         vocab.save(storage.join(out_dir, "vocab.json"))
         ingr_vocab.save(storage.join(out_dir, "ingredients.json"))
@@ -792,7 +793,7 @@ def preprocess(
 
         # Stage 3: tokenise + photos + Parquet, one shard per task, streamed.
         t0 = time.perf_counter()
-        shards = raw["shards"]
+        shards = largest_first(raw["shards"], raw["shard_costs"])
         results = []
         if shards:
             ds = ray.data.from_items([{"path": s} for s in shards], override_num_blocks=len(shards))
