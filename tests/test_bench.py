@@ -95,3 +95,35 @@ def test_train_bench_counts_the_whole_step_and_sorts_the_profile(monkeypatch):
     summary = bt.summarize_profile(prof.key_averages(), wall_s=1.0, steps=1)
     assert abs(sum(c["share"] for c in summary["categories"].values()) - 1.0) < 1e-3
     assert summary["aten_calls_per_step"] > 0 and summary["top_ops"]
+
+
+def test_study_statistics_pair_seeds_and_draw(tmp_path, monkeypatch):
+    """bench/study.py on fake finished runs: intervals over seeds, paired differences, table and PNG."""
+    study = _bench_module("study", monkeypatch)
+    assert study.t975(2) == 4.303 and study.t975(11) == 2.228 and study.t975(100) == 1.96
+    iv = study.interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == 2.0 and abs(iv["ci95"] - 4.303 * 1.0 / 3 ** 0.5) < 1e-9
+    runs = tmp_path / "runs"
+    medr = {("full", 1): 20.0, ("full", 2): 30.0, ("full", 3): 25.0,
+            ("no_critic", 1): 22.0, ("no_critic", 2): 33.0, ("no_critic", 3): 26.0}
+    for (setting, seed), m in medr.items():
+        run = runs / f"{setting}_s{seed}"
+        run.mkdir(parents=True)
+        res = {d: {k: {"mean": m if k == "medR" else 1 / m, "std": 0.1} for k in study.METRICS}
+               for d in study.DIRECTIONS}
+        (run / "metrics_test.json").write_text(json.dumps({"1k": res}))
+        (run / "study_run.json").write_text(json.dumps({"train_wall_s": 60.0, "commands": ["x"]}))
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps({"kind": "val", "epoch": e, "val/R@1": 0.01 * e,
+                                                                 "val/medR": 50 - e}) for e in range(3)))
+    res = study.collect(runs, ["full", "no_critic", "ht_baseline"], [1, 2, 3])
+    assert set(res["summary"]) == {"full", "no_critic"}  # a setting with no finished run is left out
+    assert res["summary"]["full"]["image_to_recipe"]["medR"]["mean"] == 25.0
+    diff = res["paired_vs_full"]["no_critic"]["recipe_to_image"]["medR"]
+    assert diff["values"] == [2.0, 3.0, 1.0] and diff["mean"] == 2.0  # per seed, not of the means' spread
+    assert abs(diff["ci95"] - 4.303 * 1.0 / 3 ** 0.5) < 1e-9
+    assert res["runs"]["full/s2"]["best_val_epoch"] == 2
+    res["budget"] = {"dataset": "toy", "epochs": 3, "seeds": [1, 2, 3]}
+    study.plot(res, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    table = study.table(res)
+    assert "| no_critic | 27.0 ± " in table and "| 2.0 ± 2.5 |" in table
