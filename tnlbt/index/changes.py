@@ -87,8 +87,11 @@ class ChangeLog:
         """One whole line, appended and fsynced (``O_APPEND``: a line is never interleaved with another)."""
         line = (json.dumps(dict(record), ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line (a crash mid-append) stays alone
+                line = b"\n" + line
             view = memoryview(line)
             while view:  # a regular file takes it in one write; loop anyway rather than assume it
                 view = view[os.write(fd, view):]
