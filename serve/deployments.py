@@ -261,8 +261,10 @@ class SearchService:
         self.image_url_prefix = image_url_prefix
         self._unavailable = _unavailable_types()
         from tnlbt.data.images import PhotoError
+        from tnlbt.index.changes import UnknownItem
 
         self._photo_error = PhotoError
+        self._unknown_item = UnknownItem
 
     # -- plain methods: the HTTP routes and the UI both call these -------------------------------------------
     async def _await(self, resp: Any) -> Any:
@@ -286,7 +288,7 @@ class SearchService:
             raise _photo_http_error(e) from e
         except ValueError as e:
             raise HTTPException(422, _first_line(e)) from e
-        except LookupError as e:  # tnlbt.index.changes.UnknownItem: a photo's recipe is not in the index
+        except self._unknown_item as e:  # a write names a recipe that is not in the index
             raise HTTPException(404, _first_line(e)) from e
 
     async def embed_text(self, query: dict[str, Any]) -> list[float]:
