@@ -274,3 +274,39 @@ def test_a_torn_last_line_is_skipped(tmp_path):
     assert [r["id"] for r in log.records()] == ["a", "c"]
     sha = log.write_blob(b"abc")
     assert log.read_blob(sha) == b"abc" and log.read_blob("../../etc/passwd") is None
+
+
+def test_index_run_replays_the_log_before_publishing(tmp_path, monkeypatch):
+    """The hook in ``tnlbt index`` (``index_run``): a recipe added and one deleted through the live path stay
+    that way in the next full index."""
+    from tnlbt.config import IndexConfig, StoreConfig
+    from tnlbt.index import embed
+    from tnlbt.index.search import IndexReader
+    from tnlbt.inference import Encoder
+
+    def embed_here(ckpt, data_dir, split="test", **_kw):
+        table = pq.read_table(f"{data_dir}/{split}")
+        return embed.RecipeEmbedder(str(ckpt))(table), embed.PhotoEmbedder(str(ckpt))(table).drop_columns(
+            ["skipped"]), 0
+
+    monkeypatch.setattr(embed, "embed_for_index", embed_here)
+    run = make_tiny_run(tmp_path)
+    cfg = IndexConfig(store=StoreConfig(kind="edge"))
+    first = embed.index_run(run, index=cfg)
+    assert "changes" not in first  # no log yet: nothing replayed, no encoder loaded for it
+    enc = Encoder(run)
+    store = _open("edge", run)
+    try:
+        li = _live_index(store, run)
+        li.put_recipe("added1", _text_vec(enc, PEANUT), PEANUT)
+        li.delete_recipe("rec002")
+    finally:
+        store.close()
+    second = embed.index_run(run, index=cfg)
+    assert second["changes"] == {"recipes": 1, "photos": 0, "deleted": 1, "skipped": 0}
+    reader = IndexReader.from_run(run)
+    try:
+        assert reader.get_recipe("added1")["title"] == PEANUT["title"] and reader.get_recipe("rec002") is None
+        assert reader.store.resolve("recipes").endswith(second["version"])
+    finally:
+        reader.close()
