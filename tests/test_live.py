@@ -173,8 +173,10 @@ def test_live_writes_are_idempotent_linked_and_served(live):
         assert reader.get_recipe("new1")["image_ids"] == ["new1-a.jpg"]
         # refused: nothing logged, nothing changed
         lines = li.changes.path.read_text().count("\n")
+        blobs = sorted(li.changes.blobs.iterdir())
         with pytest.raises(UnknownItem):
-            li.put_photo("x.jpg", _photo_vec(enc, photo), photo, "no-such-recipe")
+            li.put_photo("x.jpg", _photo_vec(enc, photo), photo + b"other bytes", "no-such-recipe")
+        assert sorted(li.changes.blobs.iterdir()) == blobs  # a refused photo leaves no file
         for bad in ("../x", "a/b", "", "x" * 129, ".hidden", "a..b"):
             with pytest.raises(ValueError):
                 li.put_recipe(bad, _text_vec(enc, r), r)

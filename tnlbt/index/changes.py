@@ -244,7 +244,7 @@ class LiveIndex:
         self.store, self.changes = store, changes
         self.lock = lock or threading.Lock()
 
-    def _write(self, record: dict[str, Any], vector: Any = None) -> bool:
+    def _write(self, record: dict[str, Any], vector: Any = None, data: bytes | None = None) -> bool:
         if not valid_id(record["id"]) or not (record.get("recipe_id") is None or valid_id(record["recipe_id"])):
             raise ValueError("ids are 1-128 characters of A-Z a-z 0-9 _ . - (starting with a letter or digit)")
         with self.lock:
@@ -254,6 +254,8 @@ class LiveIndex:
 
                 raise IndexNotFound("no published index to change (run `tnlbt index` first)")
             check(self.store, colls, record)
+            if data is not None:  # the blob after the check (a refused photo leaves no file), before the log line
+                record["blob"] = self.changes.write_blob(data)
             self.changes.append({**record, "at": round(time.time(), 3)})
             return apply(self.store, colls, record, vector)
 
@@ -265,12 +267,7 @@ class LiveIndex:
         return self._write({"op": DELETE_RECIPE, "id": recipe_id})
 
     def put_photo(self, image_id: str, vector: Sequence[float], data: bytes, recipe_id: str | None = None) -> bool:
-        # the blob before the log line: a logged photo always has its bytes
-        record = {"op": PUT_PHOTO, "id": image_id, "recipe_id": recipe_id or None}
-        if not valid_id(image_id):
-            raise ValueError("bad image id")
-        record["blob"] = self.changes.write_blob(bytes(data))
-        return self._write(record, vector)
+        return self._write({"op": PUT_PHOTO, "id": image_id, "recipe_id": recipe_id or None}, vector, bytes(data))
 
     def delete_photo(self, image_id: str) -> bool:
         return self._write({"op": DELETE_PHOTO, "id": image_id})
