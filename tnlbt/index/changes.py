@@ -228,7 +228,6 @@ def _upsert(store: VectorStore, name: str, pid: str, vector: Any, payload: dict[
     if vector is None:
         raise ValueError("a put needs the item's vector")
     store.upsert(store.resolve(name), [pid], np.asarray([vector], np.float32), [payload])
-    store.sync(name)
 
 
 def live_collections(store: VectorStore) -> dict[str, str]:
