@@ -53,7 +53,6 @@ MAX_TERM = 100
 MAX_METADATA = 32
 MAX_METADATA_VALUE = 200
 MAX_ID = 128
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # tnlbt.index.changes.ID_RE (ids name points, never paths)
 Term = Annotated[str, Field(min_length=1, max_length=MAX_TERM), AfterValidator(_unicode)]
 MetaKey = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 # Strings and integers only: both backends match them exactly; floats match nothing exactly, and qdrant-edge's
