@@ -111,7 +111,22 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
         index,
         max_upload_bytes=cfg.max_upload_bytes,
         request_timeout_s=cfg.request_timeout_s,
+        api_keys=_keys(cfg),
     )
+
+
+def _keys(cfg: ServeConfig) -> dict[str, list[str]]:
+    """Digests of the write / read keys (``TNLBT_API_KEY``, ``serve.api_keys_file``, ``TNLBT_READ_KEY``) of this
+    process, for the API replicas (:mod:`tnlbt.serve.auth`); the keys themselves stay here."""
+    from tnlbt.serve.auth import load_keys
+
+    keys = load_keys(cfg.api_keys_file or None)
+    if keys.write and cfg.store.url and cfg.index_replicas > 1:
+        log.warning("writes are serialised per SearchIndex replica: with %d replicas on one Qdrant server, "
+                    "concurrent writes to one id may interleave (index_replicas=1 avoids it)", cfg.index_replicas)
+    log.info("API writes %s; reads %s", "need a key" if keys.write else "are disabled",
+             "need a key" if keys.read else "are open")
+    return keys.to_dict()
 
 
 def default_replica_cpus() -> float:

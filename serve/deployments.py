@@ -157,6 +157,10 @@ class SearchIndex:
         self.store = load_section(StoreConfig, store or {}, [], "store")
         self.reader: Any = None
         self.error = ""
+        # every live change of this replica, whatever the id: one at a time (tnlbt.index.changes)
+        import threading
+
+        self._write_lock = threading.Lock()
         self._open()
 
     def _open(self) -> None:
@@ -199,6 +203,24 @@ class SearchIndex:
     def get_image(self, image_id: str) -> bytes | None:
         return self._r().get_image(image_id)
 
+    # -- live changes (the vectors were computed by the encoder deployments) ---------------------------------
+    def _live(self) -> Any:
+        from tnlbt.index.changes import ChangeLog, LiveIndex, changes_dir
+
+        return LiveIndex(self._r().store, ChangeLog(changes_dir(self.run)), self._write_lock)
+
+    def put_recipe(self, recipe_id: str, vector: list[float], recipe: dict[str, Any]) -> bool:
+        return self._live().put_recipe(recipe_id, vector, recipe)
+
+    def delete_recipe(self, recipe_id: str) -> bool:
+        return self._live().delete_recipe(recipe_id)
+
+    def put_photo(self, image_id: str, vector: list[float], data: bytes, recipe_id: str | None = None) -> bool:
+        return self._live().put_photo(image_id, vector, data, recipe_id)
+
+    def delete_photo(self, image_id: str) -> bool:
+        return self._live().delete_photo(image_id)
+
     def set_fault(self, down: bool = False, delay_s: float = 0.0) -> None:
         """Test/ops drill hook: behave as if the store were unreachable (``down``: the 503 path) or slow
         (``delay_s`` per call: the timeout path); ``set_fault()`` restores normal service."""
@@ -228,15 +250,21 @@ class SearchService:
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         request_timeout_s: float = 20.0,
         image_url_prefix: str = "/v1/images/",
+        api_keys: dict[str, list[str]] | None = None,
     ) -> None:
+        from tnlbt.serve.auth import Keys
+
         self.text_encoder, self.image_encoder, self.index = text_encoder, image_encoder, index
+        self.keys = Keys.from_dict(api_keys)  # digests only (tnlbt.serve.auth)
         self.max_upload_bytes = int(max_upload_bytes)
         self.timeout_s = float(request_timeout_s)
         self.image_url_prefix = image_url_prefix
         self._unavailable = _unavailable_types()
         from tnlbt.data.images import PhotoError
+        from tnlbt.index.changes import UnknownItem
 
         self._photo_error = PhotoError
+        self._unknown_item = UnknownItem
 
     # -- plain methods: the HTTP routes and the UI both call these -------------------------------------------
     async def _await(self, resp: Any) -> Any:
@@ -260,6 +288,8 @@ class SearchService:
             raise _photo_http_error(e) from e
         except ValueError as e:
             raise HTTPException(422, _first_line(e)) from e
+        except self._unknown_item as e:  # a write names a recipe that is not in the index
+            raise HTTPException(404, _first_line(e)) from e
 
     async def embed_text(self, query: dict[str, Any]) -> list[float]:
         return await self._embed_query(_valid(S.RecipeQuery, query))
@@ -295,6 +325,31 @@ class SearchService:
         req = _valid(S.ImageSearchParams, {"k": k, "filter": filter})
         vec = await self.embed_image(data)
         return await self._await(self.index.search_recipes.remote(vec, req.k, _filter(req)))
+
+    # -- live changes: embed first (a failed embed changes nothing), then one call to the index replica ------------
+    async def put_recipe(self, recipe_id: str, recipe: dict[str, Any]) -> bool:
+        from tnlbt.inference import RecipeText
+
+        _check_id(recipe_id)
+        r = _valid(S.RecipeIn, recipe)
+        text = RecipeText(r.title, r.ingredients, r.instructions)
+        vec = await self._await(self.text_encoder.encode.remote(text.as_dict()))
+        return await self._await(self.index.put_recipe.remote(recipe_id, vec, r.model_dump()))
+
+    async def delete_recipe(self, recipe_id: str) -> bool:
+        _check_id(recipe_id)
+        return await self._await(self.index.delete_recipe.remote(recipe_id))
+
+    async def put_photo(self, image_id: str, data: bytes, recipe_id: str | None = None) -> bool:
+        _check_id(image_id)
+        if recipe_id is not None:
+            _check_id(recipe_id)
+        vec = await self.embed_image(data)  # size / format / decode checks: 413 / 415 before anything is written
+        return await self._await(self.index.put_photo.remote(image_id, vec, data, recipe_id))
+
+    async def delete_photo(self, image_id: str) -> bool:
+        _check_id(image_id)
+        return await self._await(self.index.delete_photo.remote(image_id))
 
     async def image_bytes(self, image_id: str) -> bytes | None:
         return await self._await(self.index.get_image.remote(image_id))
@@ -332,6 +387,15 @@ def _filter(req: Any) -> dict[str, Any] | None:
     return (req.filter.as_dict() or None) if req.filter else None
 
 
+def _check_id(item_id: str) -> None:
+    """A recipe / photo id a write may use (:func:`tnlbt.index.changes.valid_id`): 422 otherwise, said without
+    echoing the id (it may be anything, of any length)."""
+    from tnlbt.index.changes import valid_id
+
+    if not valid_id(item_id):
+        raise HTTPException(422, "bad id: 1-128 characters of A-Z a-z 0-9 _ . - starting with a letter or digit")
+
+
 def _first_line(e: BaseException) -> str:
     s = str(getattr(e, "cause", None) or e).strip().splitlines()
     # A RayTaskError's own string is a traceback; its cause's message (or the last line) is what to show.
@@ -356,6 +420,23 @@ def _photo_http_error(e: Any) -> HTTPException:
     return HTTPException(415, f"unsupported or corrupt image: {_first_line(e)}")
 
 
+def _form_filter(text: str | None, split: str | None) -> dict[str, Any] | None:
+    """The photo search's ``filter`` form field (JSON) merged with its ``split`` field; 422 for bad JSON."""
+    import json
+
+    flt: Any = {}
+    if text:
+        try:
+            flt = json.loads(text)
+        except ValueError:
+            raise HTTPException(422, "filter: not valid JSON") from None
+        if not isinstance(flt, dict):
+            raise HTTPException(422, "filter: a JSON object is required")
+    if split:
+        flt = {**flt, "split": split}
+    return flt or None
+
+
 async def _read_upload(api: SearchService, file: Any) -> bytes:
     data = await file.read(api.max_upload_bytes + 1)
     if len(data) > api.max_upload_bytes:
@@ -377,8 +458,12 @@ def build_api_app(api: SearchService) -> Any:
     # Every body is counted as it arrives, whatever its framing: uploads up to the upload limit (plus the
     # multipart framing), everything else up to the JSON limit. Outermost, so nothing reads past it.
     upload = api.max_upload_bytes + S.MULTIPART_OVERHEAD
-    app.add_middleware(BodyLimit, rules=[("/v1/search/image", upload), ("/v1/embed/image", upload)],
-                       default=S.MAX_JSON_BYTES)
+    app.add_middleware(BodyLimit, rules=[("/v1/search/image", upload), ("/v1/embed/image", upload),
+                                         ("/v1/photos/", upload)], default=S.MAX_JSON_BYTES)
+    # Added last, so outermost: a request without the right key is refused before any of its body is read.
+    from tnlbt.serve.auth import KeyGuard
+
+    app.add_middleware(KeyGuard, keys=api.keys)
     install_error_handlers(app)
     # Load balancers probe with HEAD as often as with GET.
     ops = {"methods": ["GET", "HEAD"], "tags": ["ops"]}
@@ -414,7 +499,7 @@ def build_api_app(api: SearchService) -> Any:
         hits = await api.search_text_hits(
             req.model_dump(include={"text", "title", "ingredients", "instructions"}),
             req.k,
-            req.filter.as_dict() if req.filter else None,
+            req.filter.model_dump(exclude_defaults=True) if req.filter else None,
         )
         return S.PhotoSearchResponse(hits=hits, took_ms=round((time.perf_counter() - t) * 1e3, 2))
 
@@ -434,11 +519,13 @@ def build_api_app(api: SearchService) -> Any:
         file: UploadFile = File(..., description="a food photo (JPEG/PNG/WebP)"),
         k: int = Form(10, ge=1, le=S.MAX_K),
         split: str | None = Form(None, pattern="^(train|val|test)$"),
+        filter: str | None = Form(None, max_length=S.MAX_FILTER_JSON, description="a search filter as JSON"),
     ) -> S.RecipeSearchResponse:
-        """Photo (multipart upload) -> recipes (best first)."""
+        """Photo (multipart upload) -> recipes (best first); ``filter`` as in a text search, as a JSON string."""
         t = time.perf_counter()
+        flt = _form_filter(filter, split)
         data = await _read_upload(api, file)
-        hits = await api.search_image_hits(data, k, {"split": split} if split else None)
+        hits = await api.search_image_hits(data, k, flt)
         return S.RecipeSearchResponse(hits=hits, took_ms=round((time.perf_counter() - t) * 1e3, 2))
 
     @app.post(
@@ -474,6 +561,52 @@ def build_api_app(api: SearchService) -> Any:
         if r is None:
             raise HTTPException(404, f"unknown recipe id {recipe_id!r}")
         return S.RecipeHit(**r)
+
+    write_errors = {
+        401: {"model": S.ErrorBody, "description": "no API key"},
+        403: {"model": S.ErrorBody, "description": "wrong API key, or writes disabled (no key configured)"},
+        404: {"model": S.ErrorBody, "description": "a photo's recipe is not in the index"},
+        413: {"model": S.ErrorBody},
+        422: {"model": S.ErrorBody, "description": "bad id or body"},
+        503: {"model": S.ErrorBody},
+        504: {"model": S.ErrorBody},
+    }
+
+    def _written(item_id: str, kind: str, op: str, existed: bool, t: float) -> S.WriteResult:
+        return S.WriteResult(id=item_id, kind=kind, op=op, existed=bool(existed),
+                             took_ms=round((time.perf_counter() - t) * 1e3, 2))
+
+    @app.put("/v1/recipes/{recipe_id}", response_model=S.WriteResult, tags=["write"], responses=write_errors)
+    async def put_recipe(recipe_id: str, recipe: S.RecipeIn) -> S.WriteResult:
+        """Create or replace a recipe (needs a write key): embedded now, searchable by the next query, kept by
+        the next re-index (the changes log)."""
+        t = time.perf_counter()
+        existed = await api.put_recipe(recipe_id, recipe.model_dump())
+        return _written(recipe_id, "recipe", "put", existed, t)
+
+    @app.delete("/v1/recipes/{recipe_id}", response_model=S.WriteResult, tags=["write"], responses=write_errors)
+    async def delete_recipe(recipe_id: str) -> S.WriteResult:
+        """Delete a recipe and its photos (needs a write key); deleting an unknown id is not an error."""
+        t = time.perf_counter()
+        return _written(recipe_id, "recipe", "delete", await api.delete_recipe(recipe_id), t)
+
+    @app.put("/v1/photos/{image_id}", response_model=S.WriteResult, tags=["write"], responses=write_errors)
+    async def put_photo(
+        image_id: str,
+        file: UploadFile = File(..., description="a food photo (JPEG/PNG/WebP)"),
+        recipe_id: str | None = Form(None, max_length=S.MAX_ID, description="the recipe it shows (must exist)"),
+    ) -> S.WriteResult:
+        """Create or replace a photo (needs a write key), optionally of an indexed recipe."""
+        t = time.perf_counter()
+        data = await _read_upload(api, file)
+        existed = await api.put_photo(image_id, data, recipe_id or None)
+        return _written(image_id, "photo", "put", existed, t)
+
+    @app.delete("/v1/photos/{image_id}", response_model=S.WriteResult, tags=["write"], responses=write_errors)
+    async def delete_photo(image_id: str) -> S.WriteResult:
+        """Delete a photo (needs a write key)."""
+        t = time.perf_counter()
+        return _written(image_id, "photo", "delete", await api.delete_photo(image_id), t)
 
     @app.get(
         "/v1/images/{image_id}",

@@ -84,8 +84,10 @@ class BodyLimit:
         self.app, self.rules, self.default = app, tuple(rules), int(default)
 
     def limit_for(self, path: str) -> int:
+        """A rule ending in ``/`` is a folder (``/v1/photos/`` covers ``/v1/photos/{id}``); others suffixes."""
         p = path.rstrip("/")
-        return next((n for suffix, n in self.rules if p.endswith(suffix)), self.default)
+        return next((n for rule, n in self.rules if (rule in p + "/" if rule.endswith("/") else p.endswith(rule))),
+                    self.default)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 MAX_K = 100
 MAX_FREE_TEXT = 2000
@@ -47,15 +47,52 @@ Text = Annotated[str, AfterValidator(_unicode)]
 Line = Annotated[str, Field(max_length=MAX_LINE), AfterValidator(_unicode)]
 
 
+MAX_FILTER_TERMS = 20
+MAX_FILTER_JSON = 16_384  # the photo search's filter form field
+MAX_TERM = 100
+MAX_METADATA = 32
+MAX_METADATA_VALUE = 200
+MAX_ID = 128
+Term = Annotated[str, Field(min_length=1, max_length=MAX_TERM), AfterValidator(_unicode)]
+MetaKey = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+# Strings and integers only: both backends match them exactly; floats match nothing exactly, and qdrant-edge's
+# MatchValue never matches a boolean (measured with qdrant-edge-py 0.9.0), so true/false go in as strings.
+MetaValue = Annotated[str, Field(max_length=MAX_METADATA_VALUE), AfterValidator(_unicode)] | StrictInt
+
+
 class SearchFilter(BaseModel):
-    """Optional payload filter; fields combine with AND."""
+    """Optional payload filter; every field given must hold (AND).
+
+    ``must_include`` / ``must_exclude``: ingredient names, normalised like the index ("Tomatoes" = "tomato";
+    quantities and units ignored); a recipe matches an include when one of its ingredient lines names it, and
+    is removed by an exclude when any line names it ("peanut" removes "peanut butter" too).
+    ``title_keywords``: every word must be in the title. ``metadata``: catalog fields, equality. Photo search
+    (text -> photos) filters by the recipe each photo belongs to."""
 
     model_config = ConfigDict(extra="forbid")
     split: Literal["train", "val", "test"] | None = None
-    recipe_id: Text | None = Field(default=None, max_length=128)
+    recipe_id: Text | None = Field(default=None, max_length=MAX_ID)
+    must_include: list[Term] = Field(default_factory=list, max_length=MAX_FILTER_TERMS)
+    must_exclude: list[Term] = Field(default_factory=list, max_length=MAX_FILTER_TERMS)
+    title_keywords: list[Term] = Field(default_factory=list, max_length=MAX_FILTER_TERMS)
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=MAX_METADATA)
 
-    def as_dict(self) -> dict[str, str]:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+    @model_validator(mode="after")
+    def _normalisable(self) -> SearchFilter:
+        self.as_dict()  # an ingredient that normalises to nothing ("2 cups") is a 422 here, not an empty result
+        return self
+
+    def as_dict(self) -> dict[str, Any] | None:
+        """The plain store filter (:func:`tnlbt.index.filters.recipe_filter`), ``None`` for no filter."""
+        from tnlbt.index.filters import recipe_filter
+
+        return recipe_filter(
+            equals={"split": self.split, "recipe_id": self.recipe_id},
+            must_include=self.must_include,
+            must_exclude=self.must_exclude,
+            title_keywords=self.title_keywords,
+            metadata=self.metadata,
+        )
 
 
 class RecipeQuery(BaseModel):
@@ -104,6 +141,41 @@ class ImageSearchParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k: int = Field(default=10, ge=1, le=MAX_K)
     filter: SearchFilter | None = None
+
+
+class RecipeIn(BaseModel):
+    """A recipe written through ``PUT /v1/recipes/{id}``: the text is embedded with the run's encoder, the
+    metadata is kept as payload (filterable by ``filter.metadata``). Photos are attached separately, with
+    ``PUT /v1/photos/{image_id}`` and the recipe's id."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"title": "Peanut noodles", "ingredients": ["200 g noodles", "3 tbsp peanut butter"],
+                          "instructions": ["Boil the noodles.", "Stir in the sauce."], "metadata": {"cuisine": "thai"}}]
+        },
+    )
+    title: Text = Field(default="", max_length=MAX_TITLE)
+    ingredients: list[Line] = Field(default_factory=list, max_length=MAX_LINES)
+    instructions: list[Line] = Field(default_factory=list, max_length=MAX_LINES)
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=MAX_METADATA)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RecipeIn:
+        if not (self.title.strip() or any(s.strip() for s in self.ingredients)):
+            raise ValueError("empty recipe: give a title or ingredients")
+        return self
+
+
+class WriteResult(BaseModel):
+    """What a write did: ``put`` (created or replaced: ``existed`` says which) or ``delete`` (``existed``
+    false: there was nothing to delete, which is not an error)."""
+
+    id: str
+    kind: Literal["recipe", "photo"]
+    op: Literal["put", "delete"]
+    existed: bool
+    took_ms: float
 
 
 class PhotoHit(BaseModel):

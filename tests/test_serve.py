@@ -27,6 +27,7 @@ patient_serve_env()
 REPO = Path(__file__).resolve().parent.parent
 UPLOAD_LIMIT = 200_000
 TIMEOUT_S = 6.0
+WRITE_KEY = "serve-test-write-key-0123456789"
 
 
 def test_config_yaml_matches_ray_schema_and_builders():
@@ -57,8 +58,11 @@ def api(ray_session, tmp_path_factory):
     meta = build_tiny_index(run)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    keys = root / "api-keys"
+    keys.write_text(f"# write keys\n{WRITE_KEY}\n")
     args = {
         "run": str(run),
+        "api_keys_file": str(keys),
         "cpus": 0.25,
         "max_replicas": 1,
         "max_upload_bytes": UPLOAD_LIMIT,
@@ -259,6 +263,47 @@ def test_hostile_requests_through_the_proxy(api):
     assert r.status_code == 200 and r.json()["dim"] == 32, r.text[:200]
     r = _post(base, "/ui/gradio_api/upload", files={"files": ("a.jpg", io.BytesIO(b"\xff" * (UPLOAD_LIMIT + 1000)))})
     assert r.status_code == 413, r.text[:200]
+
+
+def test_live_writes_through_serve(api):
+    """A recipe and its photo written with the key are found by the next query, filters see them, a wrong key
+    and a bad id are refused, and after the delete they are gone."""
+    base, _, _ = api
+    key = {"Authorization": f"Bearer {WRITE_KEY}"}
+    recipe = {"title": "Peanut satay noodles", "ingredients": ["200 g noodles", "3 tbsp peanut butter"],
+              "metadata": {"cuisine": "thai"}}
+    assert requests.put(base + "/v1/recipes/serve-live-1", json=recipe, timeout=60).status_code == 401
+    r = requests.put(base + "/v1/recipes/serve-live-1", json=recipe, headers={"X-API-Key": "x" * 20}, timeout=60)
+    assert r.status_code == 403
+    assert requests.put(base + "/v1/recipes/..%2Fx", json=recipe, headers=key, timeout=60).status_code in (404, 422)
+    r = requests.put(base + "/v1/recipes/serve-live-1", json=recipe, headers=key, timeout=60)
+    assert r.status_code == 200 and r.json()["existed"] is False, r.text
+    photo = _jpeg(COLOURS[5], seed=11)
+    r = requests.put(base + "/v1/photos/serve-live-1.jpg", files=_upload(photo), data={"recipe_id": "serve-live-1"},
+                     headers=key, timeout=60)
+    assert r.status_code == 200, r.text
+    r = requests.put(base + "/v1/photos/x.jpg", files=_upload(photo), data={"recipe_id": "nope"}, headers=key,
+                     timeout=60)
+    assert r.status_code == 404, r.text  # UnknownItem crosses Ray as itself
+    assert requests.get(base + "/v1/recipes/serve-live-1", timeout=30).json()["image_ids"] == ["serve-live-1.jpg"]
+    assert requests.get(base + "/v1/images/serve-live-1.jpg", timeout=30).content == photo
+    q = {"title": "noodles", "k": 100}
+    hits = _post(base, "/v1/search/text", json=q).json()["hits"]
+    assert "serve-live-1.jpg" in {h["image_id"] for h in hits}  # the next query sees it
+    hits = _post(base, "/v1/search/text", json={**q, "filter": {"must_include": ["peanuts"]}}).json()["hits"]
+    assert [h["image_id"] for h in hits] == ["serve-live-1.jpg"]
+    hits = _post(base, "/v1/search/text", json={**q, "filter": {"must_exclude": ["Peanut"]}}).json()["hits"]
+    assert len(hits) == 36 and "serve-live-1" not in {h["recipe_id"] for h in hits}
+    thai = '{"metadata": {"cuisine": "thai"}}'
+    r = _post(base, "/v1/search/image", files=_upload(photo), data={"k": "5", "filter": thai})
+    assert [h["id"] for h in r.json()["hits"]] == ["serve-live-1"], r.text
+    assert requests.get(base + "/readyz", timeout=30).json()["photos"] == 37
+    r = requests.delete(base + "/v1/recipes/serve-live-1", headers=key, timeout=60)
+    assert r.status_code == 200 and r.json()["existed"] is True
+    assert requests.get(base + "/v1/recipes/serve-live-1", timeout=30).status_code == 404
+    hits = _post(base, "/v1/search/text", json=q).json()["hits"]
+    assert "serve-live-1.jpg" not in {h["image_id"] for h in hits} and len(hits) == 36
+    assert requests.get(base + "/readyz", timeout=30).json() == {"status": "ready", "recipes": 24, "photos": 36}
 
 
 def test_a_replica_that_dies_under_a_request_is_503(api):

@@ -369,3 +369,56 @@ def test_int8_recall_and_rescoring_vs_brute_force(tmp_path):
         assert [h.id for h in hits] == [ids[i] for i in idx]
         np.testing.assert_allclose([h.score for h in hits], scores, atol=1e-4)
     store.close()
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_recipe_filters_equal_brute_force_on_every_store(kind, tmp_path):
+    """``must_include`` / ``must_exclude`` / ``title_keywords`` / ``metadata`` (tnlbt.index.filters) give the same
+    points on every backend: exact stores the brute-force top-k of the matching subset, the HNSW ones only
+    matching points with high recall; and point-level writes (delete, set_payload, find) act the same."""
+    from tnlbt.index.filters import recipe_filter
+
+    n, d, k = 1500, 24, 10
+    rng = np.random.default_rng(3)
+    x, ids, pl = data(n, d, seed=3)
+    names = ["tomato", "peanut", "basil", "egg", "peanut butter", "rice"]
+    for p in pl:
+        p["ingredients_norm"] = sorted(set(rng.choice(names, 2).tolist()))
+        p["title_terms"] = ["soup"] if rng.random() < 0.3 else ["cake"]
+        p["metadata"] = {"cuisine": str(rng.choice(["thai", "italian"])), "minutes": int(rng.integers(1, 4)) * 10}
+    store = make_store(kind, tmp_path)
+    coll = build_collection(store, PHOTOS, new_version(), [photo_point_id(i) for i in ids], x, pl)
+    publish(store, {PHOTOS: coll})
+    cases = [
+        (dict(must_exclude=["Peanuts"]), lambda p: "peanut" not in p["ingredients_norm"]),
+        (dict(must_include=["Tomatoes", "egg"]), lambda p: {"tomato", "egg"} <= set(p["ingredients_norm"])),
+        (dict(must_include=["rice"], title_keywords=["Soups"]), lambda p: "rice" in p["ingredients_norm"]
+         and p["title_terms"] == ["soup"]),
+        (dict(metadata={"cuisine": "thai", "minutes": 20}, must_exclude=["basil", "peanut butter"]),
+         lambda p: p["metadata"] == {"cuisine": "thai", "minutes": 20}
+         and not {"basil", "peanut butter"} & set(p["ingredients_norm"])),
+    ]
+    recall = []
+    for flt, keep in cases:
+        sub = [i for i, p in enumerate(pl) if keep(p)]
+        assert 20 < len(sub) < n
+        for _ in range(5):
+            q = rng.standard_normal(d).astype(np.float32)
+            fidx, _ = brute_force_topk(x[sub], q, k)
+            want = [ids[sub[i]] for i in fidx]
+            got = [h.id for h in store.search(PHOTOS, q, k, recipe_filter(**flt))]
+            assert all(keep(pl[int(g[3:])]) for g in got), (flt, got)
+            if kind in APPROXIMATE:
+                recall.append(len(set(got) & set(want)) / k)
+            else:
+                assert got == want, flt
+    if recall:
+        assert np.mean(recall) >= 0.9, recall
+    # point-level writes, as the live changes use them
+    found = store.find(PHOTOS, {"must": [["recipe_id", "r7"]]})
+    assert sorted(p["image_id"] for _, p in found) == ["img00014", "img00015"]
+    store.set_payload(PHOTOS, [pid for pid, _ in found], {"title_terms": ["pie"]})
+    assert len(store.search(PHOTOS, x[14], 5, recipe_filter(title_keywords=["pie"]))) == 2
+    store.delete(PHOTOS, ["img00014", "no-such-photo"], "photo")
+    assert store.count(PHOTOS) == n - 1 and store.retrieve(PHOTOS, ["img00014"], "photo") == [None]
+    store.close()

@@ -499,6 +499,8 @@ class ServeConfig:
     decode_wait_s: float = 2.0
     request_timeout_s: float = 20.0
     api_app: str = "api"  # the API application's name (the UI looks it up)
+    # write keys, one a line, besides TNLBT_API_KEY (tnlbt.serve.auth); no key anywhere = writes are off
+    api_keys_file: str = ""
     examples: int = 4  # test-split examples shown in the UI
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 
 from tnlbt import storage
 from tnlbt.config import IndexConfig
+from tnlbt.data.ingredients import recipe_terms
 from tnlbt.inference import Encoder, decode_image
 from tnlbt.runs import (
     checkpoint_location,
@@ -51,6 +52,8 @@ from tnlbt.runs import (
 log = logging.getLogger(__name__)
 
 INSTRUCTIONS_EXCERPT_CHARS = 300
+# Filter payload fields of every recipe and photo point (tnlbt.index.filters), written by every indexer.
+_TERMS = ("ingredients_norm", "title_terms")
 
 
 # -- Ray Data UDFs (callable classes: the model loads once per actor)
@@ -71,6 +74,7 @@ class RecipeEmbedder:
 
         rows = batch.to_pylist()
         vecs = self.enc.encode_rows(rows)
+        terms = [recipe_terms(r.get("title") or "", r.get("ingredients") or []) for r in rows]
         return pa.table(
             {
                 "id": [r["id"] for r in rows],
@@ -80,8 +84,16 @@ class RecipeEmbedder:
                 "instructions": [_excerpt(r.get("instructions") or []) for r in rows],
                 "image_ids": [list(r.get("image_ids") or []) for r in rows],
                 "split": [r.get("partition") or "" for r in rows],
+                **_terms_columns(terms),
             }
         )
+
+
+def _terms_columns(terms: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """The filter fields (:func:`tnlbt.data.ingredients.recipe_terms`) as list<string> columns."""
+    import pyarrow as pa
+
+    return {k: pa.array([t[k] for t in terms], pa.list_(pa.string())) for k in _TERMS}
 
 
 class PhotoEmbedder:
@@ -97,9 +109,10 @@ class PhotoEmbedder:
     def __call__(self, batch):
         import pyarrow as pa
 
-        ids, rids, titles, splits, imgs = [], [], [], [], []
+        ids, rids, titles, splits, imgs, terms = [], [], [], [], [], []
         skipped = 0
         for r in batch.to_pylist():
+            rterms = recipe_terms(r.get("title") or "", r.get("ingredients") or [])  # photo search filters by recipe
             for iid, data in zip(r.get("image_ids") or [], r.get("images") or [], strict=False):
                 try:
                     imgs.append(decode_image(data, self.enc.photo_limits))  # never drafts a stored photo
@@ -110,6 +123,7 @@ class PhotoEmbedder:
                 rids.append(r["id"])
                 titles.append(r.get("title") or "")
                 splits.append(r.get("partition") or "")
+                terms.append(rterms)
         vecs = self.enc.encode_images(imgs)
         return pa.table(
             {
@@ -118,6 +132,7 @@ class PhotoEmbedder:
                 "vector": pa.array(list(vecs), type=pa.list_(pa.float32())),
                 "title": pa.array(titles, pa.string()),
                 "split": pa.array(splits, pa.string()),
+                **_terms_columns(terms),
                 # the batch's skip count rides on its first photo (0 elsewhere); lost only if no photo decoded
                 "skipped": pa.array([skipped] + [0] * (len(ids) - 1) if ids else [], pa.int64()),
             }
@@ -161,6 +176,7 @@ class IndexEmbedder:
                 ),
                 "split": pa.concat_arrays([r["split"].combine_chunks().cast(pa.string()), p["split"].combine_chunks()]),
                 "skipped": pa.concat_arrays([pa.array([0] * n_r, pa.int64()), p["skipped"].combine_chunks()]),
+                **{k: pa.concat_arrays([r[k].combine_chunks(), p[k].combine_chunks()]) for k in _TERMS},
             }
         )
 
@@ -246,7 +262,7 @@ def embed_for_index(
     skipped = int(pc.sum(t["skipped"]).as_py() or 0)
     is_recipe = pc.equal(t["modality"], "recipe")
     recipes = t.filter(is_recipe).drop_columns(["modality", "recipe_id", "skipped"])
-    photos = t.filter(pc.invert(is_recipe)).select(["id", "recipe_id", "vector", "title", "split"])
+    photos = t.filter(pc.invert(is_recipe)).select(["id", "recipe_id", "vector", "title", "split", *_TERMS])
     return recipes, photos, skipped
 
 
@@ -300,8 +316,12 @@ def _vectors(col: Any) -> np.ndarray:
     return flat.reshape(len(col), -1)
 
 
-def load_into_store(store: Any, recipes: Any, photos: Any, version: str, keep: int = 2) -> dict[str, Any]:
-    """Build both collections under ``version``, publish them together, prune old versions."""
+def load_into_store(
+    store: Any, recipes: Any, photos: Any, version: str, keep: int = 2, before_publish: Any = None
+) -> dict[str, Any]:
+    """Build both collections under ``version``, publish them together, prune old versions.
+    ``before_publish(store, built)``, when given, runs on the complete, unpublished collections (the changes
+    log replay, :func:`tnlbt.index.changes.replay_with_encoder`); what it returns is ``info["changes"]``."""
     from tnlbt.index.store import (
         PHOTOS,
         RECIPES,
@@ -315,18 +335,19 @@ def load_into_store(store: Any, recipes: Any, photos: Any, version: str, keep: i
     t0 = time.perf_counter()
     built = {}
     rid = recipes["id"].to_pylist()
-    rpay = pa_payloads(recipes, ["title", "ingredients", "instructions", "image_ids", "split"], "recipe_id")
+    rpay = pa_payloads(recipes, ["title", "ingredients", "instructions", "image_ids", "split", *_TERMS], "recipe_id")
     built[RECIPES] = build_collection(
         store, RECIPES, version, [recipe_point_id(i) for i in rid], _vectors(recipes["vector"]), rpay
     )
     n_photos = 0
     if photos is not None and len(photos):
         pid = photos["id"].to_pylist()
-        ppay = pa_payloads(photos, ["recipe_id", "title", "split"], "image_id")
+        ppay = pa_payloads(photos, ["recipe_id", "title", "split", *_TERMS], "image_id")
         built[PHOTOS] = build_collection(
             store, PHOTOS, version, [photo_point_id(i) for i in pid], _vectors(photos["vector"]), ppay
         )
         n_photos = len(pid)
+    changes = before_publish(store, built) if before_publish else None
     publish(store, built)
     dropped = prune(store, [RECIPES, PHOTOS], keep)
     return {
@@ -336,6 +357,7 @@ def load_into_store(store: Any, recipes: Any, photos: Any, version: str, keep: i
         "photos": n_photos,
         "dropped": dropped,
         "load_s": round(time.perf_counter() - t0, 3),
+        **({"changes": changes} if changes else {}),
     }
 
 
@@ -406,6 +428,7 @@ def index_run(run: str | Path, data_dir: str | Path | None = None, index: IndexC
     it), ``config.json`` is read through storage, and an embedded store goes to a local folder.
     """
     from tnlbt.config import Config
+    from tnlbt.index.changes import replay_with_encoder
     from tnlbt.index.store import choose_kind, new_version, open_store
 
     index = index or IndexConfig()
@@ -429,7 +452,8 @@ def index_run(run: str | Path, data_dir: str | Path | None = None, index: IndexC
         vdir = index_dir(run)
         vdir = vdir / version if isinstance(vdir, Path) else storage.join(vdir, version)
         emb_path = write_embeddings(vdir, recipes, photos)
-        info = load_into_store(store, recipes, photos, version, keep=index.keep)
+        info = load_into_store(store, recipes, photos, version, keep=index.keep,
+                               before_publish=lambda st, built: replay_with_encoder(st, built, run, ckpt))
     finally:
         store.close()
     meta = {

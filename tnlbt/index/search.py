@@ -186,9 +186,10 @@ def _check_local_store(run: str | Path, meta: dict[str, Any], path: str) -> None
 class IndexReader:
     """Store queries by vector plus recipe / photo lookups; no model (the Serve ``SearchIndex`` wraps it)."""
 
-    def __init__(self, store: VectorStore, images: ImageSource | None = None) -> None:
+    def __init__(self, store: VectorStore, images: ImageSource | None = None, blobs: Any = None) -> None:
         self.store = store
         self.images = images or ImageSource()
+        self.blobs = blobs  # a tnlbt.index.changes.ChangeLog: photos written through the API
 
     @classmethod
     def from_run(cls, run: str | Path, store: StoreConfig | None = None) -> IndexReader:
@@ -213,7 +214,9 @@ class IndexReader:
         split = meta.get("split", "test")
         splits = ["train", "val", "test"] if split == "all" else [split]
         dirs = [join_under(data_dir, s) for s in splits] if data_dir else []
-        return cls(vectors, ImageSource(recorded_path(run, meta.get("image_root")), dirs))
+        from tnlbt.index.changes import ChangeLog, changes_dir
+
+        return cls(vectors, ImageSource(recorded_path(run, meta.get("image_root")), dirs), ChangeLog(changes_dir(run)))
 
     def ready(self) -> dict[str, Any]:
         """Counts per collection; raises if the index is missing or the store is unavailable."""
@@ -244,6 +247,8 @@ class IndexReader:
         p = self.store.retrieve(PHOTOS, [image_id], "photo")[0]
         if p is None:
             return None
+        if p.get("blob") and self.blobs is not None:  # written through the API: stored by content hash
+            return self.blobs.read_blob(p["blob"])
         return self.images.get(image_id, p.get("split") or None)
 
     def close(self) -> None:

@@ -150,6 +150,18 @@ class VectorStore(ABC):
     @abstractmethod
     def count(self, name: str) -> int: ...
 
+    # live changes (tnlbt.index.changes): point-level writes into a finished collection
+    @abstractmethod
+    def _delete(self, collection: str, point_ids: list[str]) -> None: ...
+
+    @abstractmethod
+    def _set_payload(self, collection: str, point_ids: list[str], payload: dict[str, Any]) -> None:
+        """Merge ``payload``'s fields into the points' payloads (other fields stay)."""
+
+    @abstractmethod
+    def _scroll(self, collection: str, filter: dict[str, Any], limit: int) -> list[tuple[str, dict[str, Any]]]:
+        """``(point id, payload)`` of up to ``limit`` points matching ``filter`` (:mod:`tnlbt.index.filters`)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and connections."""
 
@@ -212,6 +224,20 @@ class VectorStore(ABC):
         pids = [point_id(kind, s) for s in source_ids]
         return self._retrieve(self.resolve(name), pids)
 
+    def delete(self, name: str, source_ids: Sequence[str], kind: str) -> None:
+        """Remove points by source id (unknown ids are no-ops: deleting twice is deleting once)."""
+        if source_ids:
+            self._delete(self.resolve(name), [point_id(kind, s) for s in source_ids])
+
+    def set_payload(self, name: str, point_ids: Sequence[str], payload: dict[str, Any]) -> None:
+        """Merge fields into the payloads of points given by *point* id (as :meth:`find` returns them)."""
+        if point_ids:
+            self._set_payload(self.resolve(name), list(point_ids), payload)
+
+    def find(self, name: str, filter: dict[str, Any], limit: int = 10_000) -> list[tuple[str, dict[str, Any]]]:
+        """``(point id, payload)`` of the points matching ``filter`` (at most ``limit``)."""
+        return self._scroll(self.resolve(name), filter, int(limit))
+
     def versions(self, name: str) -> list[str]:
         """Physical collections of ``name``, oldest first."""
         prefix = name + _VERSION_SEP
@@ -270,17 +296,40 @@ def build_collection(
 
 # -- qdrant-client -------------------------------------------------------------------------------------------
 def _qdrant_filter(filter: dict[str, Any] | None):
-    if not filter:
+    """A plain filter (:mod:`tnlbt.index.filters`) as qdrant-client's ``Filter``."""
+    from tnlbt.index.filters import conditions
+
+    must_pairs, not_pairs = conditions(filter)
+    if not (must_pairs or not_pairs):
         return None
     from qdrant_client import models
 
-    must = []
-    for key, value in filter.items():
+    def cond(key: str, value: Any) -> Any:
         if isinstance(value, list | tuple):
-            must.append(models.FieldCondition(key=key, match=models.MatchAny(any=list(value))))
-        else:
-            must.append(models.FieldCondition(key=key, match=models.MatchValue(value=value)))
-    return models.Filter(must=must)
+            return models.FieldCondition(key=key, match=models.MatchAny(any=list(value)))
+        return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+    return models.Filter(
+        must=[cond(k, v) for k, v in must_pairs] or None, must_not=[cond(k, v) for k, v in not_pairs] or None
+    )
+
+
+def _edge_filter(filter: dict[str, Any] | None):
+    """The same plain filter as qdrant-edge's ``Filter`` (the same conditions as :func:`_qdrant_filter`)."""
+    from tnlbt.index.filters import conditions
+
+    must_pairs, not_pairs = conditions(filter)
+    if not (must_pairs or not_pairs):
+        return None
+    from qdrant_edge import FieldCondition, Filter, MatchAny, MatchValue
+
+    def cond(key: str, value: Any) -> Any:
+        match = MatchAny(list(value)) if isinstance(value, list | tuple) else MatchValue(value)
+        return FieldCondition(key=key, match=match)
+
+    return Filter(
+        must=[cond(k, v) for k, v in must_pairs] or None, must_not=[cond(k, v) for k, v in not_pairs] or None
+    )
 
 
 class QdrantStore(VectorStore):
@@ -429,6 +478,20 @@ class QdrantStore(VectorStore):
         by_id = {str(r.id): r.payload or {} for r in recs}
         return [by_id.get(p) for p in point_ids]
 
+    def _delete(self, collection: str, point_ids: list[str]) -> None:
+        from qdrant_client import models
+
+        self._guard(self.client.delete, collection, points_selector=models.PointIdsList(points=point_ids), wait=True)
+
+    def _set_payload(self, collection: str, point_ids: list[str], payload: dict[str, Any]) -> None:
+        self._guard(self.client.set_payload, collection, payload=payload, points=point_ids, wait=True)
+
+    def _scroll(self, collection: str, filter: dict[str, Any], limit: int) -> list[tuple[str, dict[str, Any]]]:
+        recs, _ = self._guard(
+            self.client.scroll, collection, scroll_filter=_qdrant_filter(filter), limit=limit, with_payload=True
+        )
+        return [(str(r.id), dict(r.payload or {})) for r in recs]
+
     def count(self, name: str) -> int:
         return int(self._guard(self.client.count, self.resolve(name), exact=True).count)
 
@@ -574,12 +637,37 @@ class EdgeStore(VectorStore):
     ) -> None:
         from qdrant_edge import Point, UpdateOperation
 
-        sh = self._shards.get(collection)
-        if sh is None:
-            raise IndexNotFound(f"collection {collection!r} is not open for writing")
+        # a collection being built is open already; a finished one (a live change) is opened like a reader does
+        sh = self._shards.get(collection) or self._shard(collection)
         pts = [Point(i, v, p) for i, v, p in zip(ids, vectors.tolist(), payloads, strict=True)]
         with self._lock:
             sh.update(UpdateOperation.upsert_points(pts))
+
+    def _write(self, collection: str, op: Any) -> None:
+        """One update of a finished collection. Not flushed: the shard's WAL already keeps it through a process
+        crash (checked: upsert, set_payload, ``os._exit``, reload), and a flush costs ~40 ms a write; against a
+        machine crash the fsynced changes log (:mod:`tnlbt.index.changes`) is the record the next index replays."""
+        sh = self._shard(collection)
+        with self._lock:
+            sh.update(op)
+
+    def _delete(self, collection: str, point_ids: list[str]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        self._write(collection, UpdateOperation.delete_points(point_ids))
+
+    def _set_payload(self, collection: str, point_ids: list[str], payload: dict[str, Any]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        self._write(collection, UpdateOperation.set_payload(point_ids, payload))
+
+    def _scroll(self, collection: str, filter: dict[str, Any], limit: int) -> list[tuple[str, dict[str, Any]]]:
+        from qdrant_edge import ScrollRequest
+
+        sh = self._shard(collection)
+        with self._lock:
+            recs, _ = sh.scroll(ScrollRequest(limit=limit, filter=_edge_filter(filter), with_payload=True))
+        return [(str(r.id), dict(r.payload or {})) for r in recs]
 
     def finalize(self, collection: str) -> None:
         d = self.root / collection
@@ -654,23 +742,13 @@ class EdgeStore(VectorStore):
 
     def _search(self, collection: str, vector: np.ndarray, k: int, filter: dict[str, Any] | None) -> list[Hit]:
         from qdrant_edge import (
-            FieldCondition,
-            Filter,
-            MatchAny,
-            MatchValue,
             QuantizationSearchParams,
             Query,
             QueryRequest,
             SearchParams,
         )
 
-        flt = None
-        if filter:
-            must = [
-                FieldCondition(key=key, match=MatchAny(list(v)) if isinstance(v, list | tuple) else MatchValue(v))
-                for key, v in filter.items()
-            ]
-            flt = Filter(must=must)
+        flt = _edge_filter(filter)
         st = self.settings
         # rescore/oversampling act only on a quantised collection; without rescore the scores are the int8
         # approximations (qdrant-edge's own default is not to rescore when the vectors are in RAM).
