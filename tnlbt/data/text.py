@@ -105,3 +105,84 @@ def tokenize(text: str) -> list[str]:
     if not text:
         return []
     return word_tokenize(normalize(text))
+
+
+# -- ingredient names (what filters match on) -------------------------------------------------------------
+# An ingredient line as people write it ("2 cups chopped Tomatoes, drained") -> the name a filter can match
+# ("tomato"). The words come from :func:`tokenize` (the vocabulary's rule), so a name never disagrees with how
+# the model read the line; quantities, units, preparation words and punctuation are dropped, each remaining
+# word is made singular, and anything after a comma or an opening parenthesis ("drained", "(optional)") goes.
+_UNIT_WORDS = (
+    "cup cups c c. teaspoon teaspoons tsp tsp. tsps t t. tablespoon tablespoons tbsp tbsp. tbsps tbs tbs. tbl "
+    "tbl. tblsp pint pints quart quarts gallon gallons stick sticks pinch pinches dash dashes oz oz. ounce "
+    "ounces lb lb. lbs lbs. pound pounds g gram grams kg kilogram kilograms ml milliliter milliliters l liter "
+    "liters litre litres can cans package packages pkg pkg. jar jars bottle bottles clove cloves slice slices "
+    "piece pieces bunch bunches head heads sprig sprigs handful handfuls large medium small whole inch inches "
+    "envelope envelopes container containers box boxes bag bags stalk stalks"
+)
+_UNITS = frozenset(_UNIT_WORDS.split())
+_PREP_WORDS = (
+    "chopped diced minced sliced grated shredded crushed fresh freshly finely coarsely thinly thickly roughly "
+    "peeled seeded cored halved quartered cubed melted softened beaten divided optional to taste and or of "
+    "cooked uncooked frozen thawed drained rinsed packed lightly firmly about a an the for"
+)
+_PREP = frozenset(_PREP_WORDS.split())
+_NOT_PLURAL = ("ss", "us", "is", "ous")
+
+
+def singular(word: str) -> str:
+    """English plural -> singular for ingredient words ("tomatoes" -> "tomato", "berries" -> "berry");
+    words that only look plural ("asparagus", "swiss", "hummus") stay."""
+    if len(word) <= 3 or word.endswith(_NOT_PLURAL):
+        return word
+    if word.endswith("oes"):
+        return word[:-2]
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("ches", "shes", "xes", "zes")):
+        return word[:-2]
+    if word.endswith("s"):
+        return word[:-1]
+    return word
+
+
+def _is_quantity(token: str) -> bool:
+    return any(ch.isdigit() for ch in token) and all(ch.isdigit() or ch in "/.-," for ch in token)
+
+
+def ingredient_names_of_line(line: str) -> list[str]:
+    """One ingredient line -> its normalised names (see the rules above; "salt and pepper" is two)."""
+    names: list[list[str]] = [[]]
+    depth = 0
+    for tok in tokenize(line):
+        if tok in ("(", "[", "{"):
+            depth += 1  # "1 (15 oz) can beans": what is in brackets is a note
+        elif tok in (")", "]", "}"):
+            depth = max(0, depth - 1)
+        elif depth:
+            continue
+        elif tok in (",", ";", "--", ":"):
+            break  # the rest is a note: "tomatoes, drained"
+        elif tok in ("and", "or", "&", "+"):
+            names.append([])
+        elif not (_is_quantity(tok) or tok in _UNITS or tok in _PREP or not any(ch.isalpha() for ch in tok)):
+            word = singular(tok.strip(".-'"))
+            if word:
+                names[-1].append(word)
+    return [" ".join(n) for n in names if n]
+
+
+def ingredient_name(line: str) -> str:
+    """One ingredient line -> its first normalised name (``""`` when nothing is left)."""
+    names = ingredient_names_of_line(line)
+    return names[0] if names else ""
+
+
+def ingredient_names(lines: list[str]) -> list[str]:
+    """Unique normalised names of a recipe's ingredient lines, in line order (:func:`ingredient_names_of_line`)."""
+    out: list[str] = []
+    for line in lines:
+        for name in ingredient_names_of_line(line):
+            if name not in out:
+                out.append(name)
+    return out

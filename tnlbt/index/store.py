@@ -212,6 +212,15 @@ class VectorStore(ABC):
         pids = [point_id(kind, s) for s in source_ids]
         return self._retrieve(self.resolve(name), pids)
 
+    def vectors(self, name: str, source_ids: Sequence[str], kind: str) -> list[np.ndarray | None]:
+        """The stored vectors of source ids (None where unknown): what the publish gate queries with, so the
+        live version is measured with its own model's vectors even when that checkpoint is gone."""
+        pids = [point_id(kind, s) for s in source_ids]
+        return self._retrieve_vectors(self.resolve(name), pids)
+
+    def _retrieve_vectors(self, collection: str, point_ids: list[str]) -> list[np.ndarray | None]:
+        raise NotImplementedError(f"{type(self).__name__} cannot return stored vectors")
+
     def versions(self, name: str) -> list[str]:
         """Physical collections of ``name``, oldest first."""
         prefix = name + _VERSION_SEP
@@ -250,11 +259,14 @@ def build_collection(
     payloads: Sequence[dict[str, Any]],
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    dim: int | None = None,
 ) -> str:
     """Create ``name__version``, upsert everything, finalize; returns the physical name (not yet
-    published)."""
+    published). With ``dim``, no vectors make an empty collection of that width (a photo-only catalog)."""
     vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or len(vectors) == 0:
+    if dim and vectors.size == 0:
+        vectors = np.zeros((0, dim), np.float32)
+    elif vectors.ndim != 2 or len(vectors) == 0:
         raise ValueError(f"{name}: need a non-empty (N, D) array of vectors, got shape {vectors.shape}")
     coll = versioned(name, version)
     store.create(coll, int(vectors.shape[1]))
@@ -427,6 +439,11 @@ class QdrantStore(VectorStore):
     def _retrieve(self, collection: str, point_ids: list[str]) -> list[dict[str, Any] | None]:
         recs = self._guard(self.client.retrieve, collection, ids=point_ids, with_payload=True)
         by_id = {str(r.id): r.payload or {} for r in recs}
+        return [by_id.get(p) for p in point_ids]
+
+    def _retrieve_vectors(self, collection: str, point_ids: list[str]) -> list[np.ndarray | None]:
+        recs = self._guard(self.client.retrieve, collection, ids=point_ids, with_payload=False, with_vectors=True)
+        by_id = {str(r.id): np.asarray(r.vector, np.float32) for r in recs if r.vector is not None}
         return [by_id.get(p) for p in point_ids]
 
     def count(self, name: str) -> int:
@@ -693,6 +710,20 @@ class EdgeStore(VectorStore):
         with self._lock:
             recs = sh.retrieve(point_ids, with_payload=True, with_vector=False)
         by_id = {str(r.id): dict(r.payload or {}) for r in recs}
+        return [by_id.get(p) for p in point_ids]
+
+    def _retrieve_vectors(self, collection: str, point_ids: list[str]) -> list[np.ndarray | None]:
+        sh = self._shard(collection)
+        with self._lock:
+            recs = sh.retrieve(point_ids, with_payload=False, with_vector=True)
+        # one unnamed vector per point; qdrant-edge may hand it back as a {"": [...]} mapping
+        by_id = {}
+        for r in recs:
+            v = r.vector
+            if isinstance(v, dict):
+                v = next(iter(v.values()), None)
+            if v is not None:
+                by_id[str(r.id)] = np.asarray(v, np.float32)
         return [by_id.get(p) for p in point_ids]
 
     def count(self, name: str) -> int:

@@ -1,0 +1,213 @@
+"""``tnlbt index --catalog``: a hand-style catalog with good and bad rows is indexed with exact counts, its items
+are searchable and served, and every version carries a lineage record (``GET /v1/info`` reads it).
+
+The embedding runs in this process (the Ray Data UDF called directly, as in test_index_lifecycle) except in
+the one ``ray`` test, which runs the real actor pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from test_search import COLOURS, _jpeg, make_tiny_run
+
+from tnlbt.config import IndexConfig, StoreConfig
+from tnlbt.data.catalog import CatalogLimits, photo_id, photo_relpath, read_catalog, write_catalog
+from tnlbt.data.text import ingredient_names
+from tnlbt.index import embed
+
+
+@pytest.fixture()
+def no_ray_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``embed_catalog`` with the actor pool replaced by the same UDF called in this process."""
+
+    def embed_here(ckpt, tables, photos_root, index, **_kw):
+        udf = embed.CatalogEmbedder(str(ckpt), photos_root, index.max_photo_bytes)
+        parts = [udf(t) for t in tables if len(t)]
+        return embed.split_catalog_output(pa.concat_tables(parts))
+
+    monkeypatch.setattr(embed, "embed_catalog", embed_here)
+
+
+GOOD = [
+    {"id": "r1", "title": "tomato basil soup", "ingredients": ["4 Tomatoes, chopped", "1 cup basil"],
+     "instructions": ["boil the tomato", "stir for 10 minutes"], "photos": ["dish/r1.jpg"],
+     "metadata": {"cuisine": "italian", "price": 4.5}},
+    {"id": "r2", "title": "chocolate cake", "ingredients": ["2 cups flour", "1 cup sugar", "3 eggs"],
+     "instructions": "mix the flour\nbake in the oven", "photos": ["dish/r2a.jpg", "dish/r2b.png"]},
+    {"id": 3, "title": "peanut rice", "ingredients": ["1 cup rice", "2 tbsp peanut butter"],
+     "instructions": ["boil the rice"], "photos": ["../outside.jpg", "/etc/passwd", "dish/missing.jpg"]},
+    {"id": "r4", "title": "garlic chicken", "ingredients": ["1 lb chicken", "garlic"], "instructions": [],
+     "photos": ["dish/r1.jpg", "dish/link.jpg", "dish/broken.jpg", "dish/big.jpg"]},
+    {"id": "r5", "title": "x" * 1000, "ingredients": ["salt"], "instructions": ["serve"]},
+]
+
+
+def hand_catalog(root: Path) -> tuple[Path, Path]:
+    """catalog.jsonl + photos/ with every kind of bad row and photo (expected counts in the tests below)."""
+    photos = root / "photos"
+    (photos / "dish").mkdir(parents=True)
+    (photos / "dish" / "r1.jpg").write_bytes(_jpeg(COLOURS[0]))
+    (photos / "dish" / "r2a.jpg").write_bytes(_jpeg(COLOURS[1]))
+    from PIL import Image
+
+    Image.new("RGB", (60, 40), (10, 200, 30)).save(photos / "dish" / "r2b.png")
+    (photos / "dish" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (photos / "dish" / "big.jpg").write_bytes(_jpeg(COLOURS[2]) + b"\0" * 10000)  # over max_photo_bytes below
+    secret = root / "secret.jpg"
+    secret.write_bytes(_jpeg(COLOURS[3]))
+    os.symlink(secret, photos / "dish" / "link.jpg")  # a link out of the photos folder
+    (root / "outside.jpg").write_bytes(_jpeg(COLOURS[4]))
+    (photos / "loose1.jpg").write_bytes(_jpeg(COLOURS[5]))  # named by no row: a photo without a recipe
+    (photos / "notes.txt").write_text("not a photo")
+    lines = [json.dumps(r) for r in GOOD]
+    lines += [
+        "{not json",  # invalid_json
+        json.dumps({"title": "no id", "ingredients": ["salt"]}),  # missing_id
+        json.dumps({"id": "r1", "title": "again", "ingredients": ["salt"]}),  # duplicate_id
+        json.dumps({"id": "r6", "title": "", "ingredients": [], "photos": ["dish/r1.jpg"]}),  # empty_recipe
+        json.dumps({"id": "r7", "title": "t", "ingredients": "x", "metadata": [1]}),  # bad_type
+        "[1, 2]",  # not_object
+        json.dumps({"id": "r8", "title": "deep", "metadata": {"a": [[[[[[[[[[1]]]]]]]]]]}}),  # too_deep (limit 8)
+        json.dumps({"id": "r9", "title": "long", "ingredients": ["y" * 3000]}),  # row_too_long (limit 2048)
+        "",  # blank lines are not rows
+        '{"id": "r10", "title": "lone \\udc80 surrogate"}',  # invalid_utf8 (valid JSON, not Unicode)
+    ]
+    cat = root / "catalog.jsonl"
+    cat.write_bytes(("\n".join(lines) + "\n").encode() + b'{"id": "r11", "title": "bad \xff byte"}\n')
+    return cat, photos
+
+
+LIMITS = CatalogLimits(max_row_bytes=2048, max_json_depth=8, max_title_chars=300)
+
+
+def test_reader_counts_every_row_and_photo(tmp_path):
+    cat, photos = hand_catalog(tmp_path)
+    items = list(read_catalog(cat, LIMITS, photos))
+    report = items[-1]
+    rows = pa.concat_tables(items[:-1]).to_pylist()
+    recipes = [r for r in rows if r["kind"] == "recipe"]
+    assert [r["id"] for r in recipes] == ["r1", "r2", "3", "r4", "r5"]
+    assert report.skipped.counts == {
+        "invalid_json": 1, "missing_id": 1, "duplicate_id": 1, "empty_recipe": 1, "bad_type": 1,
+        "not_object": 1, "too_deep": 1, "row_too_long": 1, "invalid_utf8": 2,
+    }
+    assert report.rows == 15 == report.recipes + report.skipped.total()  # the blank line is not a row
+    assert report.skipped.examples["duplicate_id"] == ["line 8 (id 'r1')"]
+    assert report.truncated.counts == {"long_title": 1} and len(recipes[4]["title"]) == 300
+    # photo references: 1 + 2 + 3 + 4 listed; refused by path before any file is opened: ../ and /etc/passwd;
+    # r4 names r1's photo again (duplicate_photo); loose: the folder's photo no row names (not notes.txt)
+    assert report.photos_listed == 10
+    assert report.photos_refused.counts == {"outside_photos": 2, "duplicate_photo": 1}
+    assert report.loose_photos == 1 and rows[-1]["kind"] == "photo" and rows[-1]["photo_paths"] == ["loose1.jpg"]
+    by_id = {r["id"]: r for r in recipes}
+    assert by_id["r1"]["ingredients_norm"] == ["tomato", "basil"]
+    assert by_id["3"]["ingredients_norm"] == ["rice", "peanut butter"]
+    assert json.loads(by_id["r1"]["metadata"]) == {"cuisine": "italian", "price": 4.5}
+    assert by_id["r2"]["instructions"] == ["mix the flour", "bake in the oven"]  # one text -> lines
+    assert by_id["r2"]["photo_ids"] == [photo_id("dish/r2a.jpg"), photo_id("dish/r2b.png")]
+
+
+def test_photo_paths_cannot_leave_the_folder():
+    assert photo_relpath("dish/./a.jpg") == "dish/a.jpg"
+    for bad in ("../a.jpg", "dish/../../a.jpg", "/etc/passwd", "C:/x.jpg", "a\\..\\b.jpg", "a\x00.jpg", "", "./"):
+        assert photo_relpath(bad) is None, bad
+    pid = photo_id("dish/r1.JPG")
+    assert pid.endswith(".jpg") and len(pid) == 24
+    from tnlbt.index.search import ImageSource
+
+    assert ImageSource.valid_id(pid)
+
+
+def test_ingredient_names_are_normalised_like_the_vocabulary():
+    assert ingredient_names(["Tomatoes"]) == ["tomato"]
+    assert ingredient_names(["2 cups chopped Tomatoes, drained", "1 (15 oz) can black beans"]) == [
+        "tomato", "black bean"]
+    assert ingredient_names(["Salt and pepper to taste", "3 tbsp. peanut butter (optional)", "asparagus"]) == [
+        "salt", "pepper", "peanut butter", "asparagus"]
+
+
+def _index(run: Path, cat: Path, photos: Path, **kw) -> dict:
+    cfg = IndexConfig(keep=2, max_photo_bytes=8192, catalog_max_row_bytes=2048, store=StoreConfig(kind="edge"))
+    return embed.index_run(run, index=cfg, catalog=cat, photos=photos, **kw)
+
+
+def test_index_a_hand_catalog_with_exact_counts_and_lineage(tmp_path, no_ray_catalog, monkeypatch):
+    from tnlbt.index.search import Searcher
+    from tnlbt.runs import content_sha256, live_lineage, read_index_meta
+
+    run = make_tiny_run(tmp_path)
+    # the run's depth limit is 64: make the reader's limits the ones the counts above assume
+    monkeypatch.setattr(CatalogLimits, "from_configs", classmethod(lambda cls, data, index: LIMITS))
+    cat, photos = hand_catalog(tmp_path)
+    meta = _index(run, cat, photos)
+    c = meta["catalog"]
+    assert (c["rows"], c["recipes"], c["rows_skipped"]) == (15, 5, 10)
+    # photos: r1, r2a, r2b and loose1 decode; refused by path 3; unreadable: missing, link out, corrupt, too big
+    assert c["photos_unreadable"]["counts"] == {"corrupt": 1, "missing_file": 1, "outside_root": 1, "too_large": 1}
+    assert (c["photos_indexed"], c["photos_recipe"], c["photos_loose"], c["photos_skipped"]) == (4, 3, 1, 7)
+    assert c["photos_listed"] + c["loose_photos"] == c["photos_indexed"] + c["photos_skipped"]
+    assert (meta["recipes"], meta["photos"]) == (5, 4)
+    recorded = read_index_meta(run)
+    assert recorded["catalog"] == c and recorded["split"] == "catalog"
+    lin = live_lineage(run)
+    assert lin == recorded["lineage"] and lin["version"] == meta["version"]
+    assert lin["checkpoint"]["sha256"] == content_sha256(run / "checkpoints" / "best" / "model.safetensors")
+    assert lin["checkpoint"]["metrics"]["test"]["1k"]["image_to_recipe"]["R@1"] == 0.05
+    assert lin["source"] == {"kind": "catalog", "catalog": str(cat.resolve()), "photos": str(photos.resolve()),
+                             "sha256": content_sha256(cat)}
+    assert lin["counts"]["catalog"]["rows"] == 15 and lin["gate"]["passed"]
+    assert json.loads((run / "index" / meta["version"] / "lineage.json").read_text()) == lin
+
+    s = Searcher.from_run(run)
+    try:
+        hits = s.search_text("tomato basil soup", k=10)
+        assert {h["image_id"] for h in hits} == {photo_id(p) for p in
+                                                 ("dish/r1.jpg", "dish/r2a.jpg", "dish/r2b.png", "loose1.jpg")}
+        loose = next(h for h in hits if h["image_id"] == photo_id("loose1.jpg"))
+        assert loose["recipe_id"] == ""
+        r1 = s.reader.store.retrieve("recipes", ["r1"], "recipe")[0]
+        assert r1["ingredients_norm"] == ["tomato", "basil"] and r1["metadata"]["cuisine"] == "italian"
+        assert r1["image_ids"] == [photo_id("dish/r1.jpg")]
+        p = s.reader.store.retrieve("photos", [photo_id("dish/r1.jpg")], "photo")[0]
+        assert p["recipe_id"] == "r1" and p["ingredients_norm"] == ["tomato", "basil"]  # filterable by recipe
+        # photos are served from the catalog folder, by id only
+        assert s.reader.get_image(photo_id("dish/r1.jpg")) == (photos / "dish" / "r1.jpg").read_bytes()
+        assert s.reader.get_image(photo_id("dish/link.jpg")) is None  # never indexed (points outside)
+        assert s.reader.get_recipe("3")["title"] == "peanut rice"
+    finally:
+        s.close()
+
+
+def test_synth_writes_a_catalog_that_indexes(tmp_path, no_ray_catalog):
+    from tnlbt.cli import main
+
+    out = tmp_path / "synth"
+    cat = tmp_path / "cat.jsonl"
+    assert main(["synth", "--out", str(out), "--recipes", "40", "--workers", "1", "--image-size", "64",
+                 "--catalog", str(cat)]) == 0
+    rows = [json.loads(x) for x in cat.read_text().splitlines()]
+    assert rows and all(r["metadata"] == {"split": "test"} for r in rows)
+    assert all((out / "images" / p).is_file() for r in rows for p in r["photos"])
+    run = make_tiny_run(tmp_path / "r")
+    meta = _index(run, cat, out / "images", loose_photos=False)
+    n_photos = sum(len(r["photos"]) for r in rows)
+    assert (meta["recipes"], meta["photos"]) == (len(rows), n_photos)
+    assert meta["catalog"]["rows_skipped"] == 0 and meta["catalog"]["loose_photos"] == 0
+
+
+def test_bad_arguments_fail_in_one_line(tmp_path, capsys):
+    from tnlbt.cli import main
+
+    run = make_tiny_run(tmp_path)
+    assert main(["index", "--run", str(run), "--catalog", str(tmp_path / "nope.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    cat = write_catalog(tmp_path / "c.jsonl", GOOD[:1])
+    assert main(["index", "--run", str(run), "--catalog", str(cat), "--photos", str(tmp_path / "none")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["index", "--run", str(run), "--photos", str(tmp_path)]) == 2
+    assert "--photos goes with --catalog" in capsys.readouterr().err
