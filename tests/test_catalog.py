@@ -211,3 +211,168 @@ def test_bad_arguments_fail_in_one_line(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main(["index", "--run", str(run), "--photos", str(tmp_path)]) == 2
     assert "--photos goes with --catalog" in capsys.readouterr().err
+
+
+# -- the publish gate ------------------------------------------------------------------------------------------
+def test_gate_compares_recall_on_the_same_canary_and_checks_counts():
+    import numpy as np
+
+    from tnlbt.index import gate
+    from tnlbt.index.gate import Embeddings
+
+    rng = np.random.default_rng(0)
+    n = 40
+    rids = [f"r{i}" for i in range(n)]
+    pids = [f"p{i}.jpg" for i in range(n)]
+    base = rng.normal(size=(n, 16)).astype(np.float32)
+    ok_counts = {"recipes": {"stored": n, "embedded": n}, "photos": {"stored": n, "embedded": n}}
+    # live: each recipe's vector sits next to its photo's (recall@1 = 1)
+    live = Embeddings(rids, base, pids, base + 0.01 * rng.normal(size=base.shape).astype(np.float32))
+    pairs = gate.sample_pairs(rids, rids, pids, 25)
+    assert len(pairs) == 25 and pairs == gate.sample_pairs(list(reversed(rids)), rids, pids, 25)  # by id, not order
+    assert gate.recall_at_k(live, pairs, 1) == 1.0
+    # a good new version passes; a broken one (random recipe vectors) is refused
+    ok = gate.check(Embeddings(rids, base, pids, base), live, ok_counts, pairs, k=1, margin=0.05, live_version="v1")
+    assert ok["passed"] and ok["new_recall"] == ok["live_recall"] == 1.0 and ok["compared_pairs"] == 25
+    broken = Embeddings(rids, rng.normal(size=(n, 16)).astype(np.float32), pids, base)
+    bad = gate.check(broken, live, ok_counts, pairs, k=1, margin=0.05, live_version="v1")
+    assert not bad["passed"] and bad["new_recall"] < 0.5 and "below the live version" in bad["reasons"][0]
+    assert "REFUSED" in gate.format_report(bad) and "live version v1" in gate.format_report(bad)
+    # recall@k with k = all photos finds everything: the broken version's drop is a ranking, not a lookup error
+    assert gate.recall_at_k(broken, pairs, n) == 1.0
+    # a generous margin lets the same drop through; a count that differs from what was embedded never does
+    assert gate.check(broken, live, ok_counts, pairs, k=1, margin=1.0)["passed"]
+    short = gate.check(live, live, {**ok_counts, "recipes": {"stored": n, "embedded": n + 1}}, pairs, k=1)
+    assert not short["passed"] and short["reasons"] == [f"recipes: {n} points stored, {n + 1} embedded"]
+    # the comparison uses only the pairs both versions hold
+    half = Embeddings(rids[:20], base[:20], pids[:20], base[:20])
+    part = gate.check(half, live, ok_counts, pairs, k=1)
+    assert part["passed"] and part["compared_pairs"] == len([p for p in pairs if int(p.recipe_id[1:]) < 20])
+    other = Embeddings([f"x{i}" for i in range(n)], base, [f"y{i}" for i in range(n)], base)
+    nothing = gate.check(other, live, ok_counts, pairs, k=1)
+    assert nothing["passed"] and nothing["compared_pairs"] == 0 and "nothing to compare" in nothing["note"]
+    # a live version that cannot be read is not silently skipped; the floor applies without a live version
+    unread = gate.check(live, None, ok_counts, pairs, k=1, live_version="v1", live_error="gone")
+    assert not unread["passed"] and "cannot be measured" in unread["reasons"][0]
+    assert not gate.check(broken, None, ok_counts, pairs, k=1, min_recall=0.9)["passed"]
+
+
+def test_canary_file_errors_name_the_line(tmp_path):
+    from tnlbt.index.gate import Pair, read_canary
+
+    f = tmp_path / "canary.jsonl"
+    f.write_text('{"recipe_id": "r1", "photo_ids": ["a.jpg"]}\n\n{"recipe_id": "r2", "image_ids": ["b.jpg"]}\n')
+    assert read_canary(f) == [Pair("r1", ("a.jpg",)), Pair("r2", ("b.jpg",))]
+    f.write_text('{"recipe_id": "r1", "photo_ids": ["a.jpg"]}\n{"recipe_id": "r2"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_canary(f)
+    f.write_text("")
+    with pytest.raises(ValueError, match="no canary pairs"):
+        read_canary(f)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny model trained for 24 steps on the toy data of test_train_loop (~20 s): its recipe -> photo
+    recall@3 on the toy catalog below is far above a randomised model's, so the gate has something to guard."""
+    import torch
+    from test_train_loop import make_toy_processed, tiny_cfg
+
+    from tnlbt.train.ray_trainer import fit_local
+
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_toy_processed(tmp / "processed")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit_local(tiny_cfg(tmp, data, "train.epochs=3", "train.max_steps_per_epoch=8", "train.run_name=good"),
+                  data, None)
+    finally:
+        torch.set_num_threads(n)
+    return tmp / "runs" / "good"
+
+
+def toy_catalog(root: Path, n: int = 24) -> Path:
+    """Recipes in the toy data's words (class c: w{4c}..w{4c+3}) with one photo of the class colour each."""
+    import numpy as np
+    from test_train_loop import _jpeg as toy_jpeg
+
+    colours = np.random.default_rng(99).uniform(0, 255, (8, 3))
+    rng = np.random.default_rng(5)
+    (root / "photos").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        c = i % 8
+        (root / "photos" / f"t{i}.jpg").write_bytes(toy_jpeg(colours[c], rng))
+        rows.append({"id": f"t{i}", "title": f"w{4 * c} w{4 * c + 1}",
+                     "ingredients": [f"w{4 * c + 2}", f"w{int(rng.integers(40))}"],
+                     "instructions": [f"w{4 * c + 3} w{int(rng.integers(40))}"], "photos": [f"photos/t{i}.jpg"]})
+    return write_catalog(root / "catalog.jsonl", rows)
+
+
+def _randomise_weights(ckpt: Path) -> None:
+    """A deliberately broken checkpoint: every weight replaced by noise of the same scale (same file, same
+    architecture, so it loads and embeds; it has just learnt nothing)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(123)
+    sd = load_file(ckpt / "model.safetensors")
+    for k, t in sd.items():
+        if t.is_floating_point():
+            sd[k] = torch.randn(t.shape, generator=g, dtype=t.dtype) * (t.float().std() if t.numel() > 1 else 1.0)
+    save_file(sd, ckpt / "model.safetensors")
+
+
+def test_a_broken_checkpoint_is_refused_and_the_old_version_keeps_serving(
+    tmp_path, trained_run, no_ray_catalog, monkeypatch, capsys
+):
+    import shutil
+
+    from tnlbt.cli import main
+    from tnlbt.index.gate import GateRefused
+    from tnlbt.index.search import Searcher
+    from tnlbt.index.store import PHOTOS, RECIPES, open_store
+    from tnlbt.runs import live_lineage, read_index_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    cat = toy_catalog(tmp_path)
+    cfg = IndexConfig(keep=3, gate_k=3, store=StoreConfig(kind="edge"))
+    first = embed.index_run(run, index=cfg, catalog=cat)
+    assert first["gate"]["passed"] and first["gate"]["live_version"] is None  # nothing live: nothing to compare
+    assert first["gate"]["new_recall"] >= 0.9, first["gate"]
+    serving = Searcher.from_run(run)  # a running server: the good model and the published version
+    try:
+        before = [serving.search_text(f"w{4 * c} w{4 * c + 1}", k=5) for c in range(3)]
+        _randomise_weights(run / "checkpoints" / "best")
+        with pytest.raises(GateRefused) as refused:
+            embed.index_run(run, index=cfg, catalog=cat)
+        r = refused.value.report
+        assert not r["passed"] and r["live_version"] == first["version"] and r["compared_pairs"] == 24
+        assert r["new_recall"] < r["live_recall"] - cfg.gate_margin, r
+        # the live aliases, index.json and the lineage are untouched; the server answers as before
+        assert read_index_meta(run)["version"] == first["version"] and live_lineage(run) == first["lineage"]
+        assert [serving.search_text(f"w{4 * c} w{4 * c + 1}", k=5) for c in range(3)] == before
+        assert serving.reader.store.resolve(RECIPES) == first["collections"][RECIPES]
+        # the CLI says the same with exit 3 and the comparison
+        monkeypatch.setattr("tnlbt.ray_init.ensure_ray", lambda *a, **k: None)
+        assert main(["index", "--run", str(run), "--catalog", str(cat), "--store", "edge",
+                     "--gate-margin", "0.05"]) == 3
+        err = capsys.readouterr().err
+        assert "publish gate: REFUSED" in err and f"live version {first['version']}" in err
+        assert read_index_meta(run)["version"] == first["version"]
+        # --force publishes it anyway, and the lineage says so (and which weights)
+        forced = embed.index_run(run, index=cfg, catalog=cat, force=True)
+        lin = live_lineage(run)
+        assert lin["version"] == forced["version"] != first["version"]
+        assert lin["gate"]["forced"] and not lin["gate"]["passed"]
+        assert lin["checkpoint"]["sha256"] != first["lineage"]["checkpoint"]["sha256"]
+        assert lin["checkpoint"]["metrics"]["best_val"]["val/R@1"] >= 0  # from the run's metrics.jsonl
+    finally:
+        serving.close()
+    store = open_store("edge", path=str(run / "edge"))
+    try:
+        assert store.aliases()[PHOTOS] == forced["collections"][PHOTOS]
+    finally:
+        store.close()

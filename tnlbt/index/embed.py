@@ -609,9 +609,11 @@ def index_run(
                                       photo_t["id"].to_pylist(), index.gate_canary)
             canary_src = "sample of the indexed pairs"
         expected = {RECIPES: len(recipes), PHOTOS: len(photo_t)}
-        verdict = gate.check(store, built, {k: v for k, v in expected.items() if k in built}, pairs,
+        counts_check = {n: {"stored": store.count(c), "embedded": expected[n]} for n, c in built.items()}
+        live_version, live_emb, live_error = _live_embeddings(store, run)
+        verdict = gate.check(gate.Embeddings.from_tables(recipes, photo_t), live_emb, counts_check, pairs,
                              k=index.gate_k, margin=index.gate_margin, min_recall=index.gate_min_recall,
-                             canary_source=canary_src)
+                             canary_source=canary_src, live_version=live_version, live_error=live_error)
         verdict["forced"] = bool(force and not verdict["passed"])
         if not verdict["passed"] and not force:
             _write_json(vdir, "gate.json", verdict)  # why it was refused, next to what was built
@@ -654,6 +656,24 @@ def index_run(
     write_index_meta(run, {**meta, **{k: record_path(run, meta[k]) for k in _RECORDED_PATHS}})
     _prune_embeddings(run, index.keep)
     return meta
+
+
+def _live_embeddings(store: Any, run: str | Path) -> tuple[str | None, Any, str | None]:
+    """``(live version, its embeddings or None, why they could not be read)``: the version the aliases point
+    at (read without opening its shards, which a running server may hold) and its ``embeddings.parquet``."""
+    from tnlbt.index.gate import Embeddings
+    from tnlbt.index.store import RECIPES
+
+    coll = store.aliases().get(RECIPES)
+    if coll is None:
+        return None, None, None
+    version = coll.rsplit("__", 1)[-1]
+    d = index_dir(run)
+    path = d / version / "embeddings.parquet" if isinstance(d, Path) else storage.join(d, version, "embeddings.parquet")
+    try:
+        return version, Embeddings.from_parquet(path), None
+    except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+        return version, None, f"{path}: {e}"
 
 
 def _write_json(folder: Path | str, name: str, data: dict[str, Any]) -> None:

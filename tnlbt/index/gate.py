@@ -1,11 +1,20 @@
 """The publish gate: a new index version replaces the live one only if it is not worse on a canary set.
 
 A **canary** is a list of known recipe -> photo pairs (``recipe_id``, the ids of its photos). The measure is
-recipe -> photo recall@k: for each pair, the recipe's *stored* vector in a version's ``recipes`` collection is
-the query into the same version's ``photos`` collection, and the pair counts as found when one of its photos is
-in the top k. Stored vectors, not re-embedded text, because the live version must be measured with the model
-that built it, and that checkpoint may have been overwritten since (``checkpoints/best`` is replaced by the
-next training: exactly the case the gate is for).
+recipe -> photo recall@k: the recipe's embedding is the query against all photo embeddings of the same
+version (exact cosine; rank = 1 + the number of photos scoring strictly higher than its best answer, the
+metrics' tie rule), and the pair counts as found when that rank is <= k.
+
+Both versions are measured from their **embeddings** (``RUN/index/<version>/embeddings.parquet``, written for
+every version and kept while it is live), not by re-embedding text and not through the store:
+
+* the live version must be measured with the model that built it, and that checkpoint may have been
+  overwritten since (``checkpoints/best`` is replaced by the next training: exactly the case the gate is for);
+* an embedded store's live shards are held by the running server (qdrant-edge: one process per shard), so the
+  indexing process cannot open them; and exact search on both sides keeps HNSW / int8 approximation out of a
+  comparison that is about the model and the data.
+
+The store's part is the count check: each built collection must hold exactly the points that were embedded.
 
 * Default canary: up to ``index.gate_canary`` of the new version's own pairs, chosen by a hash of the recipe id
   (not by position), so two builds of the same catalog pick the same pairs. A user file (``--canary FILE``):
@@ -13,10 +22,11 @@ next training: exactly the case the gate is for).
 * The comparison runs on the pairs present in **both** versions (recipe and at least one answer photo), with
   the answers cut to the photos both have, so the two numbers are about the same questions. No common pair (a
   different catalog) -> nothing to compare: the gate then checks the new version's floor only and says so.
-* Refused when ``new < live - index.gate_margin``, when ``new < index.gate_min_recall``, or when a built
-  collection holds a different number of points than were embedded.
+* Refused when ``new < live - index.gate_margin``, when ``new < index.gate_min_recall``, when a built
+  collection holds a different number of points than were embedded, or when the live version's embeddings
+  cannot be read (it cannot be compared; ``--force`` publishes anyway).
 
-No Ray here; the store is any :class:`tnlbt.index.store.VectorStore`.
+No Ray here.
 """
 
 from __future__ import annotations
@@ -29,8 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from tnlbt.index.store import PHOTOS, RECIPES, IndexNotFound, VectorStore
 
 MAX_CANARY_LINE = 1 << 16
 MAX_CANARY_PAIRS = 100_000
@@ -94,21 +102,47 @@ def read_canary(path: str | os.PathLike[str]) -> list[Pair]:
     return pairs
 
 
-def _present(store: VectorStore, coll: str, ids: Sequence[str], kind: str) -> set[str]:
-    found = store.retrieve(coll, list(ids), kind)
-    return {i for i, p in zip(ids, found, strict=True) if p is not None}
+@dataclass
+class Embeddings:
+    """One version's vectors: recipe ids and (N, D) vectors, photo ids and (M, D) vectors (any scale)."""
+
+    recipe_ids: list[str]
+    recipes: np.ndarray
+    photo_ids: list[str]
+    photos: np.ndarray
+
+    @classmethod
+    def from_tables(cls, recipes: Any, photos: Any) -> Embeddings:
+        """From pyarrow tables with ``id`` and ``vector`` columns (what ``tnlbt index`` embeds)."""
+        from tnlbt.index.embed import _vectors
+
+        return cls(recipes["id"].to_pylist(), _unit(_vectors(recipes["vector"])),
+                   photos["id"].to_pylist() if photos is not None else [],
+                   _unit(_vectors(photos["vector"])) if photos is not None and len(photos) else np.zeros((0, 0)))
+
+    @classmethod
+    def from_parquet(cls, path: str | os.PathLike[str]) -> Embeddings:
+        """From a version's ``embeddings.parquet`` (``id, modality, recipe_id, vector``)."""
+        import pyarrow.compute as pc
+
+        from tnlbt import storage
+
+        t = storage.open_parquet(os.fspath(path)).read(columns=["id", "modality", "vector"])
+        return cls.from_tables(t.filter(pc.equal(t["modality"], "recipe")), t.filter(pc.equal(t["modality"], "image")))
 
 
-def common_pairs(store: VectorStore, a: dict[str, str], b: dict[str, str] | None, pairs: Sequence[Pair]) -> list[Pair]:
-    """``pairs`` cut to what versions ``a`` and ``b`` (``{"recipes": coll, "photos": coll}``) both hold."""
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    if v.size == 0:
+        return v
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def common_pairs(a: Embeddings, b: Embeddings | None, pairs: Sequence[Pair]) -> list[Pair]:
+    """``pairs`` cut to what versions ``a`` and ``b`` both hold (``b`` None: ``a`` alone)."""
     sides = [a] if b is None else [a, b]
-    rids = [p.recipe_id for p in pairs]
-    pids = sorted({i for p in pairs for i in p.photo_ids})
-    have_r = set(rids)
-    have_p = set(pids)
-    for side in sides:
-        have_r &= _present(store, side[RECIPES], rids, "recipe")
-        have_p &= _present(store, side[PHOTOS], pids, "photo")
+    have_r = set.intersection(*(set(e.recipe_ids) for e in sides))
+    have_p = set.intersection(*(set(e.photo_ids) for e in sides))
     out = []
     for p in pairs:
         answers = tuple(i for i in p.photo_ids if i in have_p)
@@ -117,66 +151,60 @@ def common_pairs(store: VectorStore, a: dict[str, str], b: dict[str, str] | None
     return out
 
 
-def recall_at_k(store: VectorStore, version: dict[str, str], pairs: Sequence[Pair], k: int) -> float:
-    """Recipe -> photo recall@k of one version on ``pairs`` (all present in it)."""
-    if not pairs:
+def recall_at_k(emb: Embeddings, pairs: Sequence[Pair], k: int) -> float:
+    """Recipe -> photo recall@k of one version on ``pairs`` (all present in it); exact, chunked by 256 queries."""
+    if not pairs or emb.photos.size == 0:
         return float("nan")
-    vecs = store.vectors(version[RECIPES], [p.recipe_id for p in pairs], "recipe")
+    r_index = {r: i for i, r in enumerate(emb.recipe_ids)}
+    p_index = {p: i for i, p in enumerate(emb.photo_ids)}
     found = 0
-    for p, v in zip(pairs, vecs, strict=True):
-        if v is None:
-            continue
-        hits = store.search(version[PHOTOS], np.asarray(v, np.float32), k)
-        found += any(h.id in p.photo_ids for h in hits)
+    for start in range(0, len(pairs), 256):
+        chunk = pairs[start:start + 256]
+        q = emb.recipes[[r_index[p.recipe_id] for p in chunk]]
+        scores = q @ emb.photos.T  # (queries, photos)
+        for row, p in zip(scores, chunk, strict=True):
+            best = max(row[p_index[i]] for i in p.photo_ids)
+            found += int(np.count_nonzero(row > best)) + 1 <= k
     return found / len(pairs)
 
 
 def check(
-    store: VectorStore,
-    built: dict[str, str],
-    expected: dict[str, int],
+    new: Embeddings,
+    live: Embeddings | None,
+    counts: dict[str, dict[str, int]],
     pairs: Sequence[Pair],
     k: int = 10,
     margin: float = 0.05,
     min_recall: float = 0.0,
     canary_source: str = "sample",
+    live_version: str | None = None,
+    live_error: str | None = None,
 ) -> dict[str, Any]:
-    """The gate's verdict for the unpublished collections ``built`` (``{"recipes": coll, "photos": coll}``)
-    against whatever the aliases point at now. Returns the report (``passed`` and the comparison)."""
-    reasons: list[str] = []
-    counts = {}
-    for name, coll in built.items():
-        n = store.count(coll)
-        counts[name] = {"stored": n, "embedded": int(expected.get(name, 0))}
-        if n != int(expected.get(name, 0)):
-            reasons.append(f"{name}: {n} points stored, {expected.get(name, 0)} embedded")
-    aliases = store.aliases()
-    live = {n: aliases[n] for n in (RECIPES, PHOTOS) if n in aliases}
-    live_v = live if len(live) == 2 else None
+    """The gate's verdict. ``counts``: ``{collection name: {"stored": n, "embedded": n}}`` of the new build;
+    ``live``: the live version's embeddings (None: nothing is live, or ``live_error`` says why they could not
+    be read). Returns the report (``passed``, the comparison and the reasons)."""
+    reasons = [f"{name}: {c['stored']} points stored, {c['embedded']} embedded"
+               for name, c in counts.items() if c["stored"] != c["embedded"]]
     report: dict[str, Any] = {
         "k": k, "margin": margin, "min_recall": min_recall, "canary": canary_source, "canary_pairs": len(pairs),
-        "counts": counts, "live_version": live_v[RECIPES].rsplit("__", 1)[-1] if live_v else None,
+        "counts": counts, "live_version": live_version,
     }
-    if PHOTOS in built and RECIPES in built:
-        try:
-            common = common_pairs(store, built, live_v, pairs)
-        except IndexNotFound:  # the live collections vanished under us: compare with nothing
-            live_v, common = None, common_pairs(store, built, None, pairs)
-        new = recall_at_k(store, built, common, k)
-        report.update(compared_pairs=len(common), new_recall=_r(new))
-        if live_v is not None and common:
-            old = recall_at_k(store, live_v, common, k)
-            report["live_recall"] = _r(old)
-            if new < old - margin:
-                reasons.append(f"recall@{k} {new:.3f} is more than {margin:.3f} below the live version's {old:.3f}")
-        elif live_v is not None:
-            report["note"] = "no canary pair is in both versions: nothing to compare with the live version"
-        if common and new < min_recall:
-            reasons.append(f"recall@{k} {new:.3f} is below the floor {min_recall:.3f}")
-        if not common:
-            report.setdefault("note", "no canary pair with a photo in this version: recall not measured")
-    else:
-        report["note"] = "a version without photos (or without recipes) has no recipe -> photo recall to gate on"
+    if live_error:
+        reasons.append(f"the live version {live_version} cannot be measured: {live_error}")
+    common = common_pairs(new, live, pairs)
+    new_r = recall_at_k(new, common, k)
+    report.update(compared_pairs=len(common), new_recall=_r(new_r))
+    if live is not None and common:
+        old = recall_at_k(live, common, k)
+        report["live_recall"] = _r(old)
+        if new_r < old - margin:
+            reasons.append(f"recall@{k} {new_r:.3f} is more than {margin:.3f} below the live version's {old:.3f}")
+    elif live is not None:
+        report["note"] = "no canary pair is in both versions: nothing to compare with the live version"
+    if common and new_r < min_recall:
+        reasons.append(f"recall@{k} {new_r:.3f} is below the floor {min_recall:.3f}")
+    if not common:
+        report.setdefault("note", "no canary pair with a photo in this version: recall not measured")
     report["passed"] = not reasons
     report["reasons"] = reasons
     return report

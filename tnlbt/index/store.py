@@ -212,15 +212,6 @@ class VectorStore(ABC):
         pids = [point_id(kind, s) for s in source_ids]
         return self._retrieve(self.resolve(name), pids)
 
-    def vectors(self, name: str, source_ids: Sequence[str], kind: str) -> list[np.ndarray | None]:
-        """The stored vectors of source ids (None where unknown): what the publish gate queries with, so the
-        live version is measured with its own model's vectors even when that checkpoint is gone."""
-        pids = [point_id(kind, s) for s in source_ids]
-        return self._retrieve_vectors(self.resolve(name), pids)
-
-    def _retrieve_vectors(self, collection: str, point_ids: list[str]) -> list[np.ndarray | None]:
-        raise NotImplementedError(f"{type(self).__name__} cannot return stored vectors")
-
     def versions(self, name: str) -> list[str]:
         """Physical collections of ``name``, oldest first."""
         prefix = name + _VERSION_SEP
@@ -439,11 +430,6 @@ class QdrantStore(VectorStore):
     def _retrieve(self, collection: str, point_ids: list[str]) -> list[dict[str, Any] | None]:
         recs = self._guard(self.client.retrieve, collection, ids=point_ids, with_payload=True)
         by_id = {str(r.id): r.payload or {} for r in recs}
-        return [by_id.get(p) for p in point_ids]
-
-    def _retrieve_vectors(self, collection: str, point_ids: list[str]) -> list[np.ndarray | None]:
-        recs = self._guard(self.client.retrieve, collection, ids=point_ids, with_payload=False, with_vectors=True)
-        by_id = {str(r.id): np.asarray(r.vector, np.float32) for r in recs if r.vector is not None}
         return [by_id.get(p) for p in point_ids]
 
     def count(self, name: str) -> int:
@@ -710,20 +696,6 @@ class EdgeStore(VectorStore):
         with self._lock:
             recs = sh.retrieve(point_ids, with_payload=True, with_vector=False)
         by_id = {str(r.id): dict(r.payload or {}) for r in recs}
-        return [by_id.get(p) for p in point_ids]
-
-    def _retrieve_vectors(self, collection: str, point_ids: list[str]) -> list[np.ndarray | None]:
-        sh = self._shard(collection)
-        with self._lock:
-            recs = sh.retrieve(point_ids, with_payload=False, with_vector=True)
-        # one unnamed vector per point; qdrant-edge may hand it back as a {"": [...]} mapping
-        by_id = {}
-        for r in recs:
-            v = r.vector
-            if isinstance(v, dict):
-                v = next(iter(v.values()), None)
-            if v is not None:
-                by_id[str(r.id)] = np.asarray(v, np.float32)
         return [by_id.get(p) for p in point_ids]
 
     def count(self, name: str) -> int:
