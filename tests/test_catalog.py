@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_search import COLOURS, _jpeg, make_tiny_run
 
@@ -376,3 +377,27 @@ def test_a_broken_checkpoint_is_refused_and_the_old_version_keeps_serving(
         assert store.aliases()[PHOTOS] == forced["collections"][PHOTOS]
     finally:
         store.close()
+
+
+@pytest.mark.ray  # ~30 s: actor start-up dominates
+def test_catalog_on_a_ray_data_actor_pool(ray_session, tmp_path, monkeypatch):
+    """The real pool: the same counts as in-process, and the same vectors as the UDF called here."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    run = make_tiny_run(tmp_path)
+    monkeypatch.setattr(CatalogLimits, "from_configs", classmethod(lambda cls, data, index: LIMITS))
+    cat, photos = hand_catalog(tmp_path)
+    cfg = IndexConfig(keep=1, actors=1, batch_size=2, max_photo_bytes=8192, store=StoreConfig(kind="edge"))
+    meta = embed.index_run(run, index=cfg, catalog=cat, photos=photos)
+    c = meta["catalog"]
+    assert (c["rows"], c["recipes"], c["rows_skipped"], c["photos_indexed"], c["photos_skipped"]) == (15, 5, 10, 4, 7)
+    emb = pq.read_table(meta["embeddings"])
+    items = list(read_catalog(cat, LIMITS, photos))
+    local = embed.CatalogEmbedder(str(run / "checkpoints" / "best"), str(photos), 8192)(pa.concat_tables(items[:-1]))
+    want = {(m, i): v for m, i, v in zip(local["modality"].to_pylist(), local["id"].to_pylist(),
+                                         local["vector"].to_pylist(), strict=True) if m != "skip"}
+    got = emb.filter(pc.invert(pc.equal(emb["modality"], "skip")))
+    assert len(got) == len(want) == 9
+    for m, i, v in zip(got["modality"].to_pylist(), got["id"].to_pylist(), got["vector"].to_pylist(), strict=True):
+        np.testing.assert_allclose(v, want[(m, i)], atol=1e-5)
