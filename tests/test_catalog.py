@@ -164,6 +164,23 @@ def test_index_a_hand_catalog_with_exact_counts_and_lineage(tmp_path, no_ray_cat
     assert lin["counts"]["catalog"]["rows"] == 15 and lin["gate"]["passed"]
     assert json.loads((run / "index" / meta["version"] / "lineage.json").read_text()) == lin
 
+    # GET /v1/info serves it (the real SearchIndex method behind the route), and the UI's model card shows it
+    from fastapi.testclient import TestClient
+    from test_api_hostile import _Handle
+
+    from tnlbt.serve.app import load_model_card
+    from tnlbt.serve.deployments import SearchIndex, SearchService, build_api_app
+
+    index = SearchIndex.func_or_class(str(run), store={"kind": "edge"})
+    try:
+        svc = SearchService(_Handle(), _Handle(), _Handle(info=index.info))
+        r = TestClient(build_api_app(svc)).get("/v1/info")
+        assert r.status_code == 200 and r.json() == {"version": meta["version"], "lineage": lin}
+    finally:
+        index.reader.close()
+    notes = load_model_card(run)["notes"]
+    assert lin["checkpoint"]["sha256"][:12] in notes and "Publish gate: passed" in notes
+
     s = Searcher.from_run(run)
     try:
         hits = s.search_text("tomato basil soup", k=10)
