@@ -167,7 +167,6 @@ def test_index_a_hand_catalog_with_exact_counts_and_lineage(tmp_path, no_ray_cat
     # GET /v1/info serves it (the real SearchIndex method behind the route), and the UI's model card shows it
     from fastapi.testclient import TestClient
     from test_api_hostile import _Handle
-
     from tnlbt.serve.app import load_model_card
     from tnlbt.serve.deployments import SearchIndex, SearchService, build_api_app
 

@@ -309,12 +309,16 @@ def split_dirs(data_dir: str | Path, split: str) -> list[str]:
     return out
 
 
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {device!r}: choose auto, cpu or cuda")
+
+
 def _pool(actors: int, num_cpus_per_actor: float, device: str) -> tuple[int, int, dict[str, Any]]:
     """``(actors, gpus, map_batches kwargs)`` for an embedding actor pool on the cluster as it is now."""
     import ray
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device {device!r}: choose auto, cpu or cuda")
+    _check_device(device)
     map_kw: dict[str, Any] = {}
     renv = storage.ray_runtime_env()
     if renv:
@@ -357,6 +361,7 @@ def embed_for_index(
     import pyarrow.compute as pc
     import ray
 
+    _check_device(device)  # a bad argument fails before anything is looked up
     ckpt = str(checkpoint_location(checkpoint_dir))
     paths = split_dirs(data_dir, split)
     read_kw: dict[str, Any] = {}
@@ -837,7 +842,8 @@ def cli_index(args: argparse.Namespace) -> int:
         f"skipped) as version {meta['version']} in {meta['store']} "
         f"({meta['qdrant_url'] or meta['store_path']}); embed {meta['embed_s']}s, load {meta['load_s']}s"
     )
-    print(format_report(meta["gate"]) + ("  (forced)" if meta["gate"].get("forced") else ""))
+    if meta.get("gate"):
+        print(format_report(meta["gate"]) + ("  (forced)" if meta["gate"].get("forced") else ""))
     print(f"embeddings: {meta['embeddings']}")
     if meta.get("store_host"):
         print(
