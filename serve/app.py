@@ -76,12 +76,15 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
     """The API application (``serve run tnlbt.serve.app:build_app run=runs/demo``; ``run`` may be a URI)."""
     from tnlbt.serve.deployments import ImageEncoder, SearchAPI, SearchIndex, TextEncoder
 
-    from tnlbt.runs import index_checkpoint, read_index_meta
+    from tnlbt.runs import checkpoint_drift, index_checkpoint, read_index_meta
 
     cfg = _serve_config(args)
     meta = read_index_meta(cfg.run)
     # Located here (a missing checkpoint fails now, in one line), loaded in the replicas: a URI stays a URI.
     ckpt = str(index_checkpoint(cfg.run, meta))
+    drift = checkpoint_drift(cfg.run)  # weights replaced since the index was built: say so, loudly
+    if drift:
+        log.warning("%s", drift)
     cpus = cfg.cpus or default_replica_cpus()
     # GPU share per encoder replica (0 = CPU); the index, the API and the UI stay on CPUs.
     device = "cuda" if cfg.gpus > 0 else "cpu"

@@ -350,7 +350,7 @@ def test_a_broken_checkpoint_is_refused_and_the_old_version_keeps_serving(
     from tnlbt.index.gate import GateRefused
     from tnlbt.index.search import Searcher
     from tnlbt.index.store import PHOTOS, RECIPES, open_store
-    from tnlbt.runs import live_lineage, read_index_meta
+    from tnlbt.runs import checkpoint_drift, live_lineage, read_index_meta
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -372,6 +372,8 @@ def test_a_broken_checkpoint_is_refused_and_the_old_version_keeps_serving(
         assert read_index_meta(run)["version"] == first["version"] and live_lineage(run) == first["lineage"]
         assert [serving.search_text(f"w{4 * c} w{4 * c + 1}", k=5) for c in range(3)] == before
         assert serving.reader.store.resolve(RECIPES) == first["collections"][RECIPES]
+        # a server (re)started now would load the replaced weights: the lineage hash catches it
+        assert "not the one index version" in (checkpoint_drift(run) or "")
         # the CLI says the same with exit 3 and the comparison
         monkeypatch.setattr("tnlbt.ray_init.ensure_ray", lambda *a, **k: None)
         assert main(["index", "--run", str(run), "--catalog", str(cat), "--store", "edge",
@@ -386,6 +388,7 @@ def test_a_broken_checkpoint_is_refused_and_the_old_version_keeps_serving(
         assert lin["gate"]["forced"] and not lin["gate"]["passed"]
         assert lin["checkpoint"]["sha256"] != first["lineage"]["checkpoint"]["sha256"]
         assert lin["checkpoint"]["metrics"]["best_val"]["val/R@1"] >= 0  # from the run's metrics.jsonl
+        assert checkpoint_drift(run) is None
     finally:
         serving.close()
     store = open_store("edge", path=str(run / "edge"))

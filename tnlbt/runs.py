@@ -387,3 +387,23 @@ def live_lineage(run: str | Path) -> dict[str, Any]:
         "index_settings": meta.get("index_settings"),
         "note": "built before lineage records: no checkpoint hash, metrics or gate result",
     }
+
+
+def checkpoint_drift(run: str | Path) -> str | None:
+    """A warning when the weights at the live version's recorded checkpoint are no longer the weights it was
+    built with (``checkpoints/best`` replaced by a later training, or a version the gate refused): queries
+    would then be embedded by another model than the index. ``None`` when they match, or when there is no
+    hash to compare (an index without lineage, a remote checkpoint: not downloaded just to check)."""
+    meta = read_index_meta(run)
+    want = ((meta.get("lineage") or {}).get("checkpoint") or {}).get("sha256")
+    if not want:
+        return None
+    loc = index_checkpoint(run, meta)
+    if not isinstance(loc, Path):
+        return None
+    got = content_sha256(loc / WEIGHTS)
+    if got == want:
+        return None
+    return (f"the checkpoint {loc} is not the one index version {meta.get('version')} was built with "
+            f"(weights sha256 {got[:12]}, built with {want[:12]}): query vectors will not match the index; "
+            f"restore those weights or run `tnlbt index` again")

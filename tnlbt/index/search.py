@@ -38,7 +38,14 @@ from tnlbt import storage
 from tnlbt.config import StoreConfig
 from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, VectorStore, open_store
 from tnlbt.inference import Encoder, RecipeText
-from tnlbt.runs import default_store_path, index_checkpoint, read_index_meta, recorded_path, run_dir_of
+from tnlbt.runs import (
+    checkpoint_drift,
+    default_store_path,
+    index_checkpoint,
+    read_index_meta,
+    recorded_path,
+    run_dir_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +294,9 @@ class Searcher:
     def from_run(cls, run: str | Path, store: StoreConfig | None = None) -> Searcher:
         meta = read_index_meta(run)
         ckpt = index_checkpoint(run, meta)  # located, not loaded: a missing checkpoint fails here, cheaply
+        drift = checkpoint_drift(run)
+        if drift:
+            log.warning("%s", drift)
         # The index before the model: a missing index fails before a remote checkpoint is downloaded.
         reader = IndexReader.from_run(run, store)
         try:
