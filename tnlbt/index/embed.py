@@ -773,7 +773,9 @@ def _lineage(run: str | Path, ckpt: Path | str, meta: dict[str, Any], source: di
     return {
         "version": meta["version"],
         "published_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "checkpoint": {"path": str(ckpt), "sha256": content_sha256(weights), "metrics": run_metrics(ckpt)},
+        # absolute: the record is read by other processes, from other working directories
+        "checkpoint": {"path": str(ckpt) if isinstance(ckpt, str) else str(Path(ckpt).resolve()),
+                       "sha256": content_sha256(weights), "metrics": run_metrics(ckpt)},
         "source": src,
         "counts": {"recipes": meta["recipes"], "photos": meta["photos"], "skipped_photos": meta["skipped_photos"],
                    **({"catalog": counts} if source else {})},
