@@ -420,3 +420,24 @@ def test_catalog_on_a_ray_data_actor_pool(ray_session, tmp_path, monkeypatch):
     assert len(got) == len(want) == 9
     for m, i, v in zip(got["modality"].to_pylist(), got["id"].to_pylist(), got["vector"].to_pylist(), strict=True):
         np.testing.assert_allclose(v, want[(m, i)], atol=1e-5)
+
+
+def test_a_split_index_is_filterable_by_the_same_ingredient_names(tmp_path):
+    from test_search import build_tiny_index
+
+    from tnlbt.index.store import open_store
+
+    run = make_tiny_run(tmp_path, n_recipes=6)
+    t = pq.read_table(tmp_path / "processed" / "test")
+    both = embed.IndexEmbedder(str(run / "checkpoints" / "best"))(t)
+    rows = both.to_pylist()
+    want = {r["id"]: ingredient_names(r["ingredients"]) for r in t.to_pylist()}
+    assert all(r["ingredients_norm"] == want[r["recipe_id"]] for r in rows)  # recipes and their photos
+    build_tiny_index(run, store_kind="edge")
+    store = open_store("edge", path=str(run / "edge"))
+    try:
+        rec = store.retrieve("recipes", ["rec000"], "recipe")[0]
+        photo = store.retrieve("photos", [rec["image_ids"][0]], "photo")[0]
+        assert rec["ingredients_norm"] == photo["ingredients_norm"] == want["rec000"] != []
+    finally:
+        store.close()

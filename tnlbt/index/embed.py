@@ -39,6 +39,7 @@ import numpy as np
 
 from tnlbt import storage
 from tnlbt.config import IndexConfig
+from tnlbt.data.text import ingredient_names
 from tnlbt.inference import Encoder, decode_image
 from tnlbt.runs import (
     checkpoint_location,
@@ -83,6 +84,9 @@ class RecipeEmbedder:
                 "instructions": [_excerpt(r.get("instructions") or []) for r in rows],
                 "image_ids": [list(r.get("image_ids") or []) for r in rows],
                 "split": [r.get("partition") or "" for r in rows],
+                # filterable names, the rule a catalog's rows get (tnlbt.data.text.ingredient_names)
+                "ingredients_norm": pa.array([ingredient_names(list(r.get("ingredients") or [])) for r in rows],
+                                             pa.list_(pa.string())),
             }
         )
 
@@ -100,9 +104,10 @@ class PhotoEmbedder:
     def __call__(self, batch):
         import pyarrow as pa
 
-        ids, rids, titles, splits, imgs = [], [], [], [], []
+        ids, rids, titles, splits, imgs, names = [], [], [], [], [], []
         skipped = 0
         for r in batch.to_pylist():
+            norm = ingredient_names(list(r.get("ingredients") or []))  # a photo filters by its recipe
             for iid, data in zip(r.get("image_ids") or [], r.get("images") or [], strict=False):
                 try:
                     imgs.append(decode_image(data, self.enc.photo_limits))  # never drafts a stored photo
@@ -110,6 +115,7 @@ class PhotoEmbedder:
                     skipped += 1
                     continue
                 ids.append(iid)
+                names.append(norm)
                 rids.append(r["id"])
                 titles.append(r.get("title") or "")
                 splits.append(r.get("partition") or "")
@@ -121,6 +127,7 @@ class PhotoEmbedder:
                 "vector": pa.array(list(vecs), type=pa.list_(pa.float32())),
                 "title": pa.array(titles, pa.string()),
                 "split": pa.array(splits, pa.string()),
+                "ingredients_norm": pa.array(names, pa.list_(pa.string())),
                 # the batch's skip count rides on its first photo (0 elsewhere); lost only if no photo decoded
                 "skipped": pa.array([skipped] + [0] * (len(ids) - 1) if ids else [], pa.int64()),
             }
@@ -163,6 +170,9 @@ class IndexEmbedder:
                     [r["image_ids"].combine_chunks().cast(pa.list_(pa.string())), empty_lists]
                 ),
                 "split": pa.concat_arrays([r["split"].combine_chunks().cast(pa.string()), p["split"].combine_chunks()]),
+                "ingredients_norm": pa.concat_arrays(
+                    [r["ingredients_norm"].combine_chunks(), p["ingredients_norm"].combine_chunks()]
+                ),
                 "skipped": pa.concat_arrays([pa.array([0] * n_r, pa.int64()), p["skipped"].combine_chunks()]),
             }
         )
@@ -390,7 +400,7 @@ def embed_for_index(
     skipped = int(pc.sum(t["skipped"]).as_py() or 0)
     is_recipe = pc.equal(t["modality"], "recipe")
     recipes = t.filter(is_recipe).drop_columns(["modality", "recipe_id", "skipped"])
-    photos = t.filter(pc.invert(is_recipe)).select(["id", "recipe_id", "vector", "title", "split"])
+    photos = t.filter(pc.invert(is_recipe)).select(["id", "recipe_id", "vector", "title", "split", "ingredients_norm"])
     return recipes, photos, skipped
 
 
