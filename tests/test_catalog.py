@@ -441,3 +441,15 @@ def test_a_split_index_is_filterable_by_the_same_ingredient_names(tmp_path):
         assert rec["ingredients_norm"] == photo["ingredients_norm"] == want["rec000"] != []
     finally:
         store.close()
+
+
+def test_lines_over_the_limit_are_skipped_as_they_stream_past():
+    import io
+
+    from tnlbt.data.catalog import iter_lines
+
+    big = b"x" * (3 << 20)  # spans several 1 MiB reads
+    data = b'{"a": 1}\n' + big + b"\n\n" + b'{"b": 2}\n' + big + b'\n{"c": 3}'  # last line without newline
+    got = list(iter_lines(io.BytesIO(data), 1 << 20))
+    assert got == [(1, b'{"a": 1}'), (2, None), (3, b""), (4, b'{"b": 2}'), (5, None), (6, b'{"c": 3}')]
+    assert list(iter_lines(io.BytesIO(b"abc"), 2)) == [(1, None)]
