@@ -453,3 +453,25 @@ def test_lines_over_the_limit_are_skipped_as_they_stream_past():
     got = list(iter_lines(io.BytesIO(data), 1 << 20))
     assert got == [(1, b'{"a": 1}'), (2, None), (3, b""), (4, b'{"b": 2}'), (5, None), (6, b'{"c": 3}')]
     assert list(iter_lines(io.BytesIO(b"abc"), 2)) == [(1, None)]
+
+
+def test_a_folder_of_photos_without_recipes_is_an_index(tmp_path, no_ray_catalog):
+    from tnlbt.index.search import Searcher
+
+    run = make_tiny_run(tmp_path)
+    photos = tmp_path / "dishes"
+    (photos / "a").mkdir(parents=True)
+    for i in range(3):
+        (photos / "a" / f"{i}.jpg").write_bytes(_jpeg(COLOURS[i]))
+    cat = tmp_path / "empty.jsonl"
+    cat.write_text("")
+    meta = _index(run, cat, photos)
+    assert (meta["recipes"], meta["photos"], meta["catalog"]["rows"], meta["catalog"]["loose_photos"]) == (0, 3, 0, 3)
+    assert "recall not measured" in meta["gate"]["note"]
+    s = Searcher.from_run(run)
+    try:
+        assert s.reader.ready() == {"recipes": 0, "photos": 3}
+        assert len(s.search_text("tomato soup", k=5)) == 3
+        assert s.search_image(_jpeg(COLOURS[0]), k=5) == []
+    finally:
+        s.close()

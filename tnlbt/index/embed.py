@@ -414,7 +414,7 @@ def write_embeddings(out_dir: Path | str, recipes: Any, photos: Any) -> Path | s
         pa.table(
             {
                 "id": recipes["id"],
-                "modality": pa.array(["recipe"] * len(recipes)),
+                "modality": pa.array(["recipe"] * len(recipes), pa.string()),
                 "recipe_id": recipes["id"],
                 "vector": recipes["vector"],
             }
@@ -425,7 +425,7 @@ def write_embeddings(out_dir: Path | str, recipes: Any, photos: Any) -> Path | s
             pa.table(
                 {
                     "id": photos["id"],
-                    "modality": pa.array(["image"] * len(photos)),
+                    "modality": pa.array(["image"] * len(photos), pa.string()),
                     "recipe_id": photos["recipe_id"],
                     "vector": photos["vector"],
                 }
