@@ -463,10 +463,12 @@ def test_a_folder_of_photos_without_recipes_is_an_index(tmp_path, no_ray_catalog
     (photos / "a").mkdir(parents=True)
     for i in range(3):
         (photos / "a" / f"{i}.jpg").write_bytes(_jpeg(COLOURS[i]))
+    (photos / os.fsdecode(b"bad\xffname.jpg")).write_bytes(_jpeg(COLOURS[3]))  # not UTF-8: refused, counted
     cat = tmp_path / "empty.jsonl"
     cat.write_text("")
     meta = _index(run, cat, photos)
-    assert (meta["recipes"], meta["photos"], meta["catalog"]["rows"], meta["catalog"]["loose_photos"]) == (0, 3, 0, 3)
+    assert (meta["recipes"], meta["photos"], meta["catalog"]["rows"], meta["catalog"]["loose_photos"]) == (0, 3, 0, 4)
+    assert meta["catalog"]["photos_refused"]["counts"] == {"bad_file_name": 1}
     assert "recall not measured" in meta["gate"]["note"]
     s = Searcher.from_run(run)
     try:

@@ -377,6 +377,11 @@ def read_catalog(
         for rel in iter_photo_files(photos_root):
             if rel not in photo_owner:
                 report.loose_photos += 1
+                try:
+                    rel.encode("utf-8")
+                except UnicodeEncodeError:  # a file name that is not UTF-8 cannot be an id, a payload or a URL
+                    report.photos_refused.add("bad_file_name", ascii(rel)[:80])
+                    continue
                 rows.append(_loose(rel))
                 if len(rows) >= chunk_rows:
                     yield _table(rows)
