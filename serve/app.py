@@ -76,12 +76,15 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
     """The API application (``serve run tnlbt.serve.app:build_app run=runs/demo``; ``run`` may be a URI)."""
     from tnlbt.serve.deployments import ImageEncoder, SearchAPI, SearchIndex, TextEncoder
 
-    from tnlbt.runs import index_checkpoint, read_index_meta
+    from tnlbt.runs import checkpoint_drift, index_checkpoint, read_index_meta
 
     cfg = _serve_config(args)
     meta = read_index_meta(cfg.run)
     # Located here (a missing checkpoint fails now, in one line), loaded in the replicas: a URI stays a URI.
     ckpt = str(index_checkpoint(cfg.run, meta))
+    drift = checkpoint_drift(cfg.run)  # weights replaced since the index was built: say so, loudly
+    if drift:
+        log.warning("%s", drift)
     cpus = cfg.cpus or default_replica_cpus()
     # GPU share per encoder replica (0 = CPU); the index, the API and the UI stay on CPUs.
     device = "cuda" if cfg.gpus > 0 else "cpu"
@@ -185,7 +188,7 @@ def load_model_card(run: str | Path) -> dict[str, Any]:
     import posixpath
 
     from tnlbt import storage
-    from tnlbt.runs import local_run_dir, read_index_meta, run_dir_of
+    from tnlbt.runs import live_lineage, local_run_dir, read_index_meta, run_dir_of
 
     rd = run_dir_of(run)
     remote = isinstance(rd, str)
@@ -203,6 +206,7 @@ def load_model_card(run: str | Path) -> dict[str, Any]:
         f"Index version `{meta.get('version', '?')}`: {meta.get('recipes', 0)} recipes, "
         f"{meta.get('photos', 0)} photos ({meta.get('split', '?')} split), store `{meta.get('store', '?')}`."
     )
+    notes += lineage_notes(live_lineage(rd))
     curves: Path | None = None
     if remote:
         try:
@@ -221,6 +225,24 @@ def load_model_card(run: str | Path) -> dict[str, Any]:
         "curves": str(curves) if curves is not None else None,
         "notes": notes,
     }
+
+
+def lineage_notes(lineage: dict[str, Any]) -> str:
+    """The lineage record (``GET /v1/info``) as a few markdown lines for the UI's model card."""
+    if not lineage or "checkpoint" not in lineage:
+        return ""
+    ck, src, gate = lineage.get("checkpoint") or {}, lineage.get("source") or {}, lineage.get("gate") or {}
+    where = src.get("catalog") if src.get("kind") == "catalog" else f"{src.get('split')} split of {src.get('data_dir')}"
+    lines = [
+        f"\n\nPublished {lineage.get('published_at', '?')} from checkpoint `{ck.get('path')}` "
+        f"(sha256 `{str(ck.get('sha256') or '?')[:12]}`), built from {src.get('kind', '?')} `{where}`"
+        + (f" (sha256 `{src['sha256'][:12]}`)" if src.get("sha256") else "") + "."
+    ]
+    if gate:
+        verdict = "forced past the gate" if gate.get("forced") else ("passed" if gate.get("passed") else "?")
+        lines.append(f"Publish gate: {verdict}; recall@{gate.get('k')} {gate.get('new_recall')} on "
+                     f"{gate.get('compared_pairs', 0)} canary pairs (live before: {gate.get('live_recall')}).")
+    return "\n".join(lines)
 
 
 def build_ui_app(args: dict[str, Any] | ServeConfig) -> Any:

@@ -221,6 +221,13 @@ class SearchIndex:
     def delete_photo(self, image_id: str) -> bool:
         return self._live().delete_photo(image_id)
 
+    def info(self) -> dict[str, Any]:
+        """The live version's lineage, read from ``index.json`` on each call (a new version published while
+        serving shows at once; the file is small)."""
+        from tnlbt.runs import live_lineage
+
+        return live_lineage(self.run)
+
     def set_fault(self, down: bool = False, delay_s: float = 0.0) -> None:
         """Test/ops drill hook: behave as if the store were unreachable (``down``: the 503 path) or slow
         (``delay_s`` per call: the timeout path); ``set_fault()`` restores normal service."""
@@ -354,6 +361,10 @@ class SearchService:
     async def image_bytes(self, image_id: str) -> bytes | None:
         return await self._await(self.index.get_image.remote(image_id))
 
+    async def info(self) -> dict[str, Any]:
+        lineage = await self._await(self.index.info.remote())
+        return {"version": lineage.get("version"), "lineage": lineage}
+
     async def ready(self) -> dict[str, Any]:
         counts = await self._await(self.index.ready.remote())
         await self._await(self.text_encoder.dim.remote())
@@ -481,6 +492,12 @@ def build_api_app(api: SearchService) -> Any:
     async def readyz() -> S.Ready:
         c = await api.ready()
         return S.Ready(recipes=c.get("recipes", 0), photos=c.get("photos", 0))
+
+    @app.get("/v1/info", response_model=S.Info, tags=["ops"], responses={503: {"model": S.ErrorBody}})
+    async def info() -> S.Info:
+        """The live index version and its lineage: checkpoint (path, sha256, metrics), source and counts, index
+        settings, publish gate, time."""
+        return S.Info(**await api.info())
 
     @app.post(
         "/v1/search/text",

@@ -220,6 +220,15 @@ class Ready(BaseModel):
     photos: int
 
 
+class Info(BaseModel):
+    """What is live: the published index version and its lineage record (checkpoint path and sha256, its
+    metrics, the data or catalog it was built from with counts, index settings, the publish gate's result,
+    time); see ``tnlbt.runs.live_lineage``. ``{}`` before the first index."""
+
+    version: str | None = None
+    lineage: dict[str, Any] = Field(default_factory=dict)
+
+
 class FieldError(BaseModel):
     """One reason a request was refused: where (``["body", "ingredients", 3]``) and what."""
 

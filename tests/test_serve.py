@@ -111,6 +111,7 @@ def test_health_ready_docs(api):
         "/v1/embed/image",
         "/v1/recipes/{recipe_id}",
         "/v1/images/{image_id}",
+        "/v1/info",
         "/healthz",
         "/readyz",
     ):

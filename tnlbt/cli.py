@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-image-share", type=float, default=0.25,
                    help="share of train recipes written without photos (recipe-only self-supervision)")
     p.add_argument("--preview", metavar="PNG", help="also write a contact sheet of recipes next to their photos")
+    p.add_argument("--catalog", metavar="JSONL", default=None,
+                   help="also write the test split as a `tnlbt index --catalog` file (photo paths relative to "
+                   "OUT/images)")
+    p.add_argument("--catalog-splits", default="test", help="splits written to --catalog, comma-separated")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
 
     p = sub.add_parser("preprocess", help="Recipe1M layout -> Parquet shards + vocab (Ray Data)",
@@ -107,10 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (runs/NAME)")
     p.add_argument("--out", default=None, help="PNG path (default RUN/curves.png)")
 
-    p = sub.add_parser("index", help="embed a split with Ray Data and load it into Qdrant")
+    p = sub.add_parser("index", help="embed a split (or your own catalog) with Ray Data and load it into Qdrant",
+                       description="Embed a processed split, or a JSON Lines catalog of your own recipes and "
+                       "photos (--catalog), publish it as a new index version if it passes the gate "
+                       "(canary recall not worse than the live version's by more than --gate-margin; point "
+                       "counts as embedded), and record its lineage. Exit 3 when the gate refuses.")
     p.add_argument("--run", required=True, help="run directory or checkpoint directory")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--data", default=None, help="preprocessed folder (default: the run's config)")
+    p.add_argument("--catalog", default=None, metavar="JSONL",
+                   help="index this catalog instead of a split: one recipe per line with id, title, ingredients, "
+                   "instructions, optional photos (paths under --photos) and metadata (README: catalog format)")
+    p.add_argument("--photos", default=None, metavar="DIR",
+                   help="folder the catalog's photo paths are relative to (default: the catalog's folder); its "
+                   "photo files that no recipe names are indexed as photos without a recipe")
+    p.add_argument("--no-loose-photos", action="store_true",
+                   help="index only the photos the catalog names, not the other files under --photos")
+    p.add_argument("--canary", default=None, metavar="JSONL",
+                   help='gate canary: lines of {"recipe_id": ..., "photo_ids": [...]} (default: a sample of '
+                   "the indexed recipe/photo pairs)")
+    p.add_argument("--gate-margin", type=float, default=None,
+                   help="allowed recall@k drop against the live version (default index.gate_margin, 0.05)")
+    p.add_argument("--force", action="store_true", help="publish even when the gate refuses (recorded)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--qdrant-url", default=None, help="Qdrant server URL (API key from QDRANT_API_KEY)")
     g.add_argument("--qdrant-path", default=None, help="embedded store folder (default RUN/edge or RUN/qdrant)")

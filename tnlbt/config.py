@@ -467,9 +467,25 @@ class IndexConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 32
     store: StoreConfig = field(default_factory=StoreConfig)
+    # A user catalog (`tnlbt index --catalog`, tnlbt/data/catalog.py): one JSONL line may hold at most this
+    # many bytes, one photo file at most max_photo_bytes (the pixel limits of the query path apply as well).
+    catalog_max_row_bytes: int = 1 << 20
+    max_photo_bytes: int = 32 << 20
+    # The publish gate (tnlbt/index/gate.py): the new version's recipe -> photo recall@gate_k on the canary
+    # may fall at most gate_margin (absolute) below the live version's, and must reach gate_min_recall;
+    # gate_canary: how many of the indexed recipe/photo pairs make the default canary.
+    gate_margin: float = 0.05
+    gate_k: int = 10
+    gate_canary: int = 200
+    gate_min_recall: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.keep >= 1, "index.keep", "must be >= 1")
+        _check(self.catalog_max_row_bytes >= 1024, "index.catalog_max_row_bytes", "must be >= 1024")
+        _check(self.max_photo_bytes >= 1024, "index.max_photo_bytes", "must be >= 1024")
+        _check(0.0 <= self.gate_margin <= 1.0, "index.gate_margin", "must be in 0..1 (absolute recall)")
+        _check(0.0 <= self.gate_min_recall <= 1.0, "index.gate_min_recall", "must be in 0..1")
+        _check(self.gate_k >= 1 and self.gate_canary >= 1, "index.gate_k", "gate_k and gate_canary must be >= 1")
         _check(self.actors >= 0, "index.actors", "must be >= 0 (0 = sized to the cluster)")
         _check(self.batch_size >= 1, "index.batch_size", "must be >= 1")
 

@@ -300,3 +300,110 @@ def index_checkpoint(run: str | Path, meta: dict[str, Any]) -> Path | str:
         except FileNotFoundError:
             log.warning("checkpoint %s recorded in index.json is not reachable; using %s's", recorded, run)
     return checkpoint_location(run)
+
+
+# -- lineage: what a published index version was built from ------------------------------------------------
+def content_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (a local path or a URI), streamed in 8 MiB reads."""
+    h = hashlib.sha256()
+    with storage.open_input(path) as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_or_none(path: str | Path) -> Any:
+    try:
+        return json.loads(storage.read_text(path))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def run_metrics(run: str | Path) -> dict[str, Any]:
+    """A run's recorded quality: ``test`` (``metrics_test.json``, what ``tnlbt eval`` wrote) and ``best_val``
+    (the ``kind == "val"`` record of ``metrics.jsonl`` with the highest ``val/R@1``, its epoch and step); a
+    missing file gives no key."""
+    rd = run_dir_of(run)
+
+    def at(name: str) -> str | Path:
+        return storage.join(rd, name) if isinstance(rd, str) else rd / name
+
+    out: dict[str, Any] = {}
+    test = _json_or_none(at("metrics_test.json"))
+    if test is not None:
+        out["test"] = test
+    best: dict[str, Any] | None = None
+    try:
+        lines = storage.read_text(at("metrics.jsonl")).split("\n")  # one record per step: small
+    except (FileNotFoundError, OSError, UnicodeDecodeError):
+        lines = []
+    for raw in lines:
+        try:
+            rec = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            continue  # a line cut by a crash is not a record
+        is_val = isinstance(rec, dict) and rec.get("kind") == "val" and isinstance(rec.get("val/R@1"), int | float)
+        if is_val and (best is None or rec["val/R@1"] > best["val/R@1"]):
+            best = rec
+    if best is not None:
+        out["best_val"] = {k: v for k, v in best.items() if k.startswith("val/") or k in ("epoch", "step")}
+    return out
+
+
+def lineage_path(run: str | Path, version: str) -> Path | str:
+    """``RUN/index/<version>/lineage.json``: the record of one published version."""
+    d = index_dir(run)
+    return d / version / "lineage.json" if isinstance(d, Path) else storage.join(d, version, "lineage.json")
+
+
+def write_lineage(run: str | Path, lineage: dict[str, Any]) -> Path | str:
+    """Write a version's lineage record next to its embeddings (kept and pruned with them)."""
+    p = lineage_path(run, lineage["version"])
+    text = json.dumps(lineage, indent=2, sort_keys=True)
+    if isinstance(p, Path):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    else:
+        storage.write_text(p, text)
+    return p
+
+
+def live_lineage(run: str | Path) -> dict[str, Any]:
+    """The lineage of the version that is live now (``index.json``'s ``lineage``; what ``GET /v1/info`` and
+    the UI's model card show). An index built before lineage existed gives what ``index.json`` knows; no
+    index gives ``{}``."""
+    meta = read_index_meta(run)
+    if not meta:
+        return {}
+    if isinstance(meta.get("lineage"), dict):
+        return meta["lineage"]
+    return {
+        "version": meta.get("version"),
+        "checkpoint": {"path": meta.get("checkpoint")},
+        "source": {"kind": "split", "split": meta.get("split"), "data_dir": meta.get("data_dir")},
+        "counts": {"recipes": meta.get("recipes"), "photos": meta.get("photos")},
+        "index_settings": meta.get("index_settings"),
+        "note": "built before lineage records: no checkpoint hash, metrics or gate result",
+    }
+
+
+def checkpoint_drift(run: str | Path) -> str | None:
+    """A warning when the weights at the live version's recorded checkpoint are no longer the weights it was
+    built with (``checkpoints/best`` replaced by a later training, or a version the gate refused): queries
+    would then be embedded by another model than the index. ``None`` when they match, or when there is no
+    hash to compare (an index without lineage, a remote checkpoint: not downloaded just to check)."""
+    meta = read_index_meta(run)
+    want = ((meta.get("lineage") or {}).get("checkpoint") or {}).get("sha256")
+    if not want:
+        return None
+    loc = index_checkpoint(run, meta)
+    if not isinstance(loc, Path):
+        return None
+    got = content_sha256(loc / WEIGHTS)
+    if got == want:
+        return None
+    return (f"the checkpoint {loc} is not the one index version {meta.get('version')} was built with "
+            f"(weights sha256 {got[:12]}, built with {want[:12]}): query vectors will not match the index; "
+            f"restore those weights or run `tnlbt index` again")

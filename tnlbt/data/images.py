@@ -160,7 +160,7 @@ def _opened_path(fd: int, path: Path) -> str:
         return os.path.realpath(path)
 
 
-def _read_local(path: Path, root: str | None) -> bytes | ImageResult:
+def _read_local(path: Path, root: str | None, max_bytes: int | None = None) -> bytes | ImageResult:
     try:
         # O_NONBLOCK: a link to a FIFO must not hang the task in open() (it is refused below, not read)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -176,6 +176,8 @@ def _read_local(path: Path, root: str | None) -> bytes | ImageResult:
             return ImageResult(None, "missing_file")
         if st.st_size == 0:
             return ImageResult(None, "empty_file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            return ImageResult(None, "too_large", detail=f"{st.st_size} bytes (limit {max_bytes})")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
     except OSError as e:
@@ -185,7 +187,10 @@ def _read_local(path: Path, root: str | None) -> bytes | ImageResult:
 
 
 def read_image_bytes(
-    path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None, root: str | None = None
+    path: str | os.PathLike[str],
+    filesystem: pafs.FileSystem | None = None,
+    root: str | None = None,
+    max_bytes: int | None = None,
 ) -> bytes | ImageResult:
     """The bytes of one photo, or an :class:`ImageResult` naming why there are none.
 
@@ -195,14 +200,15 @@ def read_image_bytes(
     error) becomes a named reason: one bad photo is a counted skip, never the end of a preprocessing task.
     ``root`` (local paths; resolved with ``os.path.realpath`` by the caller, once): a photo whose file, links
     followed, lies outside it is ``outside_root`` and not read; links within the root are fine. Object stores
-    have no links, so it does not apply to them.
+    have no links, so it does not apply to them. ``max_bytes``: a larger file is ``too_large`` and not read
+    (a user catalog may point at anything; training data has no such cap).
     """
     if filesystem is None:
         s = os.fspath(path)
         from tnlbt import storage
 
         if not storage.is_remote(s):
-            return _read_local(Path(storage.local_path(s) or s), root)
+            return _read_local(Path(storage.local_path(s) or s), root, max_bytes)
         filesystem, path = storage.resolve(s)
     import pyarrow.fs as pafs
 
@@ -213,6 +219,8 @@ def read_image_bytes(
             return ImageResult(None, "missing_file")
         if info.size == 0:
             return ImageResult(None, "empty_file")
+        if max_bytes is not None and info.size > max_bytes:
+            return ImageResult(None, "too_large", detail=f"{info.size} bytes (limit {max_bytes})")
         # compression=None: never decompress on the fly because of a name like "x.gz"
         with filesystem.open_input_stream(inner, compression=None) as f:
             return f.read()

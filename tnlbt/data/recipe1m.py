@@ -398,6 +398,18 @@ def _text_lines(value: Any) -> list[str] | None:
     return out
 
 
+MAX_ID_CHARS = 256
+
+
+def clean_id(rid: str) -> str | None:
+    """A recipe id as stored: stripped; ``None`` when empty, longer than :data:`MAX_ID_CHARS` or holding a
+    control character (ids end up in URLs, logs and payloads). Recipe1M's layer1 and user catalogs share it."""
+    rid = rid.strip()
+    if not rid or len(rid) > MAX_ID_CHARS or any(ord(c) < 32 for c in rid):
+        return None
+    return rid
+
+
 def clean_layer1(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
     """One layer1 item -> (clean record, None) or (None, reason). Empty lines are dropped, text stripped.
 
@@ -419,8 +431,8 @@ def clean_layer1(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
         return None, "bad_type"
     if any(has_bad_text(s) for s in (rid, title, *ingredients, *instructions)):
         return None, "invalid_utf8"
-    rid = rid.strip()
-    if not rid or len(rid) > 256 or any(ord(c) < 32 for c in rid):
+    rid = clean_id(rid)
+    if rid is None:
         return None, "bad_id"
     partition = partition.strip().lower()
     if partition not in PARTITIONS:

@@ -1645,4 +1645,12 @@ def cli_synth(args: argparse.Namespace) -> int:
     if args.preview:
         p = write_preview(args.out, args.preview)
         print(f"preview: {p}")
+    if getattr(args, "catalog", None):
+        from tnlbt.data.catalog import catalog_from_layout, write_catalog
+
+        splits = tuple(x.strip() for x in args.catalog_splits.split(",") if x.strip())
+        rows = list(catalog_from_layout(args.out, splits))
+        p = write_catalog(args.catalog, rows)
+        print(f"catalog: {len(rows)} recipes ({', '.join(splits)}) -> {p}; index it with "
+              f"`tnlbt index --run RUN --catalog {p} --photos {Path(args.out) / 'images'}`")
     return 0

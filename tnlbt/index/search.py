@@ -38,7 +38,14 @@ from tnlbt import storage
 from tnlbt.config import StoreConfig
 from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, VectorStore, open_store
 from tnlbt.inference import Encoder, RecipeText
-from tnlbt.runs import default_store_path, index_checkpoint, read_index_meta, recorded_path, run_dir_of
+from tnlbt.runs import (
+    checkpoint_drift,
+    default_store_path,
+    index_checkpoint,
+    read_index_meta,
+    recorded_path,
+    run_dir_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,11 @@ class ImageSource:
     ``image_root`` and ``parquet_dirs`` may be local paths or URIs (read through :mod:`tnlbt.storage`).
     """
 
-    def __init__(self, image_root: str | None = None, parquet_dirs: Sequence[str] = ()) -> None:
+    def __init__(
+        self, image_root: str | None = None, parquet_dirs: Sequence[str] = (), photos_root: str | None = None
+    ) -> None:
+        # a user catalog's photo folder (tnlbt/data/catalog.py): photos found by the ``path`` in their payload
+        self.photos_root = photos_root
         self.remote_root = image_root.rstrip("/") if image_root and storage.is_remote(image_root) else None
         self.root = Path(image_root).resolve() if image_root and not self.remote_root else None
         self._remote_root_ok: bool | None = None  # checked once (a LIST request), not per photo
@@ -135,6 +146,24 @@ class ImageSource:
                                     m[iid] = (f, rg, row, pos)
                 self._map = m
             return self._map
+
+    def get_catalog_photo(self, relpath: str) -> bytes | None:
+        """A catalog photo by its recorded relative path, read only inside the photos folder (links followed
+        must stay inside too: :func:`tnlbt.data.images.read_image_bytes`)."""
+        import os
+
+        from tnlbt.data.catalog import photo_relpath
+        from tnlbt.data.images import read_image_bytes
+
+        rel = photo_relpath(relpath)
+        if self.photos_root is None or rel is None:
+            return None
+        if storage.is_remote(self.photos_root):
+            data = read_image_bytes(storage.join(self.photos_root, rel))
+        else:
+            root = os.path.realpath(self.photos_root)
+            data = read_image_bytes(os.path.join(root, rel), root=root)
+        return data if isinstance(data, bytes) else None
 
     def get(self, image_id: str, split: str | None = None) -> bytes | None:
         """JPEG bytes, or None when the id is malformed or unknown."""
@@ -216,7 +245,9 @@ class IndexReader:
         dirs = [join_under(data_dir, s) for s in splits] if data_dir else []
         from tnlbt.index.changes import ChangeLog, changes_dir
 
-        return cls(vectors, ImageSource(recorded_path(run, meta.get("image_root")), dirs), ChangeLog(changes_dir(run)))
+        images = ImageSource(recorded_path(run, meta.get("image_root")), dirs,
+                             photos_root=recorded_path(run, meta.get("photos_root")))
+        return cls(vectors, images, ChangeLog(changes_dir(run)))
 
     def ready(self) -> dict[str, Any]:
         """Counts per collection; raises if the index is missing or the store is unavailable."""
@@ -249,6 +280,8 @@ class IndexReader:
             return None
         if p.get("blob") and self.blobs is not None:  # written through the API: stored by content hash
             return self.blobs.read_blob(p["blob"])
+        if p.get("path"):  # a catalog photo: its file under the catalog's photo folder
+            return self.images.get_catalog_photo(str(p["path"]))
         return self.images.get(image_id, p.get("split") or None)
 
     def close(self) -> None:
@@ -266,6 +299,9 @@ class Searcher:
     def from_run(cls, run: str | Path, store: StoreConfig | None = None) -> Searcher:
         meta = read_index_meta(run)
         ckpt = index_checkpoint(run, meta)  # located, not loaded: a missing checkpoint fails here, cheaply
+        drift = checkpoint_drift(run)
+        if drift:
+            log.warning("%s", drift)
         # The index before the model: a missing index fails before a remote checkpoint is downloaded.
         reader = IndexReader.from_run(run, store)
         try:

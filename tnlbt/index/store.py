@@ -276,11 +276,14 @@ def build_collection(
     payloads: Sequence[dict[str, Any]],
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    dim: int | None = None,
 ) -> str:
     """Create ``name__version``, upsert everything, finalize; returns the physical name (not yet
-    published)."""
+    published). With ``dim``, no vectors make an empty collection of that width (a photo-only catalog)."""
     vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or len(vectors) == 0:
+    if dim and vectors.size == 0:
+        vectors = np.zeros((0, dim), np.float32)
+    elif vectors.ndim != 2 or len(vectors) == 0:
         raise ValueError(f"{name}: need a non-empty (N, D) array of vectors, got shape {vectors.shape}")
     coll = versioned(name, version)
     store.create(coll, int(vectors.shape[1]))
