@@ -19,8 +19,8 @@ Sections:
            Without the cache the batch is one micro-batch; with it the micro-batch stays at --micro and K
            grows.
   decode   JPEG decode + train augmentation per image (needs --data)
-  workers  samples/s of Ray Train with 1 and 2 CPU workers on the same data and preset (rank-0 log records,
-           first record dropped as warm-up)
+  workers  samples/s of Ray Train with 1 worker x 2 threads and 2 workers x 1 thread (equal cores) on the same
+           data and preset (rank-0 log records, first record dropped as warm-up)
   demo     demo_cpu end to end on a processed folder: wall time of `fit`, then test-split 1k-bag metrics of the
            best checkpoint (image->recipe and recipe->image)
 
@@ -656,7 +656,8 @@ def workers(data: str, preset: str, steps: int) -> dict[str, Any]:
                                    f"scaling.num_workers={n}", "train.epochs=1",
                                    f"train.max_steps_per_epoch={steps}", "train.log_every=2",
                                    "train.val_max_rows=64", "train.val_bag_size=64", "train.val_bags=1",
-                                   "scaling.cpus_per_worker=1", "scaling.ray_num_cpus=4"])
+                                   # equal cores: one worker gets both threads (threads = its CPU share)
+                                   f"scaling.cpus_per_worker={2 // n}", "scaling.ray_num_cpus=4"])
         t = time.perf_counter()
         fit(cfg, data)
         wall = time.perf_counter() - t
@@ -674,29 +675,20 @@ def demo(data: str, preset: str, overrides: list[str]) -> dict[str, Any]:
     import torch
 
     from tnlbt.config import Config
+    from tnlbt.evaluate import embed_pairs
     from tnlbt.metrics import bagged_metrics
     from tnlbt.models import load_model
-    from tnlbt.train.backend import LocalBackend
     from tnlbt.train.ray_trainer import fit, run_dir_for
-    from tnlbt.train.validation import embed_rows
 
     cfg = Config.load(preset, overrides)
     t = time.perf_counter()
     summary = fit(cfg, data)
     wall = time.perf_counter() - t
     run = run_dir_for(cfg)
-    model, _, _, names = load_model(run / "checkpoints" / "best")
-    from tnlbt.data.collate import collate
-
-    tf = model.image_transform(False)
-
-    def coll(rows, train=False, with_images=True):
-        return collate(rows, n_ingredients=len(names), image_transform=tf, image_pick="first",
-                       with_images=with_images)
-
-    be = LocalBackend(data, 0)
-    be._val_dir = Path(data) / "test"  # embed the TEST split (final report only; selection used val)
-    img, rec = embed_rows(model, be.val_batches(128), coll, torch.device("cpu"))
+    model, *_ = load_model(run / "checkpoints" / "best")
+    with torch.no_grad():  # the TEST split (final report only; selection used val), as `tnlbt eval` embeds it
+        emb = embed_pairs(model, Path(data) / "test", batch_size=128)
+    img, rec = emb["image_emb"], emb["recipe_emb"]
     n = img.shape[0]
     bag = min(1000, n)
     m = bagged_metrics(img, rec, bag, 10, np.random.default_rng(0), "random")
