@@ -115,6 +115,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
         max_upload_bytes=cfg.max_upload_bytes,
         request_timeout_s=cfg.request_timeout_s,
         api_keys=_keys(cfg),
+        hybrid=cfg.hybrid,
     )
 
 
