@@ -7,7 +7,10 @@ the way people type them, built from each recipe's own text and embedded through
 * ``title``: the title only;
 * ``few_ingredients``: up to 3 of its ingredients (drawn with a fixed seed), as names ("shrimp", "honey":
   :func:`tnlbt.data.ingredients.ingredient_key` of the line, the line itself when that is empty);
-* ``title+ingredients``: the title and every ingredient line.
+* ``title+ingredients``: the title and every ingredient line;
+* ``title+foreign_ingredient`` (robustness, not in the decision): the title and one ingredient name of another
+  recipe (drawn with a fixed seed) that this recipe does not have: a query word the right answer lacks, which
+  the other forms never have (they are the recipe's own words, the lexical part's best case).
 
 Each query is answered dense (cosine over all photos, exact) and hybrid (the top :data:`POOL` by cosine
 re-ranked by :func:`tnlbt.index.hybrid.rerank` over the candidates' payload terms, which the indexers write
@@ -37,22 +40,32 @@ from typing import Any
 
 import numpy as np
 
-from tnlbt.data.ingredients import ingredient_key, recipe_terms
+from tnlbt.data.ingredients import ingredient_key, ingredient_terms, recipe_terms, title_terms
 from tnlbt.index import hybrid as H
 from tnlbt.inference import Encoder, RecipeText
 
-FORMS = ("title", "few_ingredients", "title+ingredients")
+TYPED = ("title", "few_ingredients", "title+ingredients")  # what the decision is taken on
+FORMS = (*TYPED, "title+foreign_ingredient")
 FEW = 3
 
 
 def queries(rows: list[dict[str, Any]], form: str, rng: random.Random) -> list[RecipeText]:
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         lines = [s for s in r["ingredients"] if s.strip()]
         if form == "title":
             out.append(RecipeText(title=r["title"]))
         elif form == "title+ingredients":
             out.append(RecipeText(title=r["title"], ingredients=lines))
+        elif form == "title+foreign_ingredient":
+            own = set(ingredient_terms(lines)) | set(title_terms(r["title"]))
+            for _ in range(100):  # another recipe's ingredient none of whose words this recipe has
+                other = rows[rng.randrange(len(rows))]
+                names = [k for k in (ingredient_key(s) for s in other["ingredients"]) if k]
+                name = rng.choice(names) if names and other is not rows[i] else ""
+                if name and not set(ingredient_terms([name])) & own:
+                    break
+            out.append(RecipeText(title=r["title"], ingredients=[name] if name else []))
         else:
             picked = rng.sample(lines, min(FEW, len(lines))) if lines else [r["title"]]
             out.append(RecipeText(ingredients=[ingredient_key(s) or s for s in picked]))
@@ -171,7 +184,7 @@ def main() -> None:
         out_forms[form] = res
         print(form, json.dumps({n: res[n]["whole_split"] for n in databases}), flush=True)
 
-    t2p = [out_forms[f]["text_to_photo"]["paired"] for f in FORMS]
+    t2p = [out_forms[f]["text_to_photo"]["paired"] for f in TYPED]
     mean_d1 = float(np.mean([x["delta_R@1"] for x in t2p]))
     mean_d10 = float(np.mean([x["delta_R@10"] for x in t2p]))
     result = {
@@ -180,11 +193,13 @@ def main() -> None:
         "data": str(split_dir), "pairs": len(ids), "skipped_rows": emb["skipped"],
         "hybrid": {"pool": a.pool, "rrf_k": H.RRF_K, "lexical_weight": H.LEXICAL_WEIGHT},
         "forms": {"title": "title only", "few_ingredients": f"up to {FEW} ingredient names (seed 0)",
-                  "title+ingredients": "title and every ingredient line"},
+                  "title+ingredients": "title and every ingredient line",
+                  "title+foreign_ingredient": "title and one ingredient name of another recipe that this one "
+                                              "lacks (robustness; not in the decision)"},
         "results": out_forms,
         "decision": {
             "rule": "hybrid is the default when, on text -> photo over the whole split, its R@1 and R@10 gains "
-                    "averaged over the query forms are both positive",
+                    f"averaged over the typed query forms ({', '.join(TYPED)}) are both positive",
             "mean_delta_R@1": round(mean_d1, 4), "mean_delta_R@10": round(mean_d10, 4),
             "hybrid_default": bool(mean_d1 > 0 and mean_d10 > 0),
         },
