@@ -257,3 +257,16 @@ def test_cli_include_exclude_and_hybrid_flags(tiny_run, capsys):
     assert main([*base, "--include", "2 cups"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tnlbt search:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("flag", "want"), [([], True), (["--no-hybrid"], False), (["--hybrid"], True)])
+def test_serve_flag_sets_the_default(tmp_path, monkeypatch, flag, want):
+    import tnlbt.serve.app as app
+
+    from tnlbt.cli import main
+    from tnlbt.config import HYBRID_DEFAULT
+
+    seen = {}
+    monkeypatch.setattr(app, "serve_until_interrupted", lambda cfg, **kw: seen.setdefault("cfg", cfg) and 0)
+    assert main(["serve", "--run", str(tmp_path), *flag]) == 0
+    assert seen["cfg"].hybrid is (HYBRID_DEFAULT if not flag else want)

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qdrant-path", default=None)
     p.add_argument("--gpus", type=float, default=0.0,
                    help="GPU share per encoder replica (0 = CPU; 0.5 = text and image encoder on one GPU)")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
+                   help="default ranking of text searches that do not say: hybrid (default) or --no-hybrid (dense)")
     _add_index_setting_arg(p)
 
     p = sub.add_parser("demo", help="the whole chain on a laptop: synth -> ... -> serve",
