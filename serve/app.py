@@ -115,6 +115,7 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
         max_upload_bytes=cfg.max_upload_bytes,
         request_timeout_s=cfg.request_timeout_s,
         api_keys=_keys(cfg),
+        hybrid=cfg.hybrid,
     )
 
 
@@ -381,5 +382,6 @@ def cli_serve(args: argparse.Namespace) -> int:
     if not storage.exists(args.run):  # a local path or a URI (s3://bucket/runs/NAME)
         raise FileNotFoundError(f"run directory not found: {args.run}")
     cfg = ServeConfig.from_args({"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path,
-                                 "gpus": args.gpus, "index_settings": list(args.index_setting or [])})
+                                 "gpus": args.gpus, "index_settings": list(args.index_setting or []),
+                                 "hybrid": getattr(args, "hybrid", None)})  # None: the measured default
     return serve_until_interrupted(cfg, host=args.host, port=args.port)

@@ -41,7 +41,7 @@ from tnlbt.serve.guards import RETRY_AFTER_S, BodyLimit, DecodePool, ReplicaBusy
 
 # Module level (not inside the app builder): FastAPI resolves the string annotations of the route functions
 # (``from __future__ import annotations``) in this module's globals.
-from tnlbt.config import MAX_UPLOAD_BYTES
+from tnlbt.config import HYBRID_DEFAULT, MAX_UPLOAD_BYTES
 
 log = logging.getLogger("ray.serve")
 
@@ -191,11 +191,14 @@ class SearchIndex:
     def ready(self) -> dict[str, int]:
         return self._r().ready()
 
-    def search_photos(self, vector: list[float], k: int, filter: dict[str, Any] | None = None) -> list[dict]:
-        return self._r().search_photos(vector, k, filter)
+    def search_photos(self, vector: list[float], k: int, filter: dict[str, Any] | None = None,
+                      terms: list[str] | None = None) -> list[dict]:
+        # hybrid re-ranking runs here, next to the candidates' payloads (tnlbt.index.hybrid)
+        return self._r().search_photos(vector, k, filter, terms=terms)
 
-    def search_recipes(self, vector: list[float], k: int, filter: dict[str, Any] | None = None) -> list[dict]:
-        return self._r().search_recipes(vector, k, filter)
+    def search_recipes(self, vector: list[float], k: int, filter: dict[str, Any] | None = None,
+                       terms: list[str] | None = None) -> list[dict]:
+        return self._r().search_recipes(vector, k, filter, terms=terms)
 
     def get_recipe(self, recipe_id: str) -> dict | None:
         return self._r().get_recipe(recipe_id)
@@ -258,9 +261,11 @@ class SearchService:
         request_timeout_s: float = 20.0,
         image_url_prefix: str = "/v1/images/",
         api_keys: dict[str, list[str]] | None = None,
+        hybrid: bool = HYBRID_DEFAULT,
     ) -> None:
         from tnlbt.serve.auth import Keys
 
+        self.hybrid = bool(hybrid)  # a text search's ranking when the request does not say
         self.text_encoder, self.image_encoder, self.index = text_encoder, image_encoder, index
         self.keys = Keys.from_dict(api_keys)  # digests only (tnlbt.serve.auth)
         self.max_upload_bytes = int(max_upload_bytes)
@@ -302,10 +307,7 @@ class SearchService:
         return await self._embed_query(_valid(S.RecipeQuery, query))
 
     async def _embed_query(self, q: S.RecipeQuery) -> list[float]:
-        from tnlbt.inference import RecipeText
-
-        text = RecipeText.from_query(q.model_dump(include={"text", "title", "ingredients", "instructions"}))
-        return await self._await(self.text_encoder.encode.remote(text.as_dict()))
+        return await self._await(self.text_encoder.encode.remote(_query_text(q).as_dict()))
 
     async def embed_image(self, data: bytes) -> list[float]:
         from tnlbt.inference import check_image
@@ -320,11 +322,15 @@ class SearchService:
         return await self._await(self.image_encoder.encode_photo.remote(data))
 
     async def search_text_hits(
-        self, query: dict[str, Any], k: int = 10, filter: dict[str, Any] | None = None
+        self, query: dict[str, Any], k: int = 10, filter: dict[str, Any] | None = None, hybrid: bool | None = None
     ) -> list[dict[str, Any]]:
-        req = _valid(S.TextSearchRequest, {**query, "k": k, "filter": filter})
+        from tnlbt.index.search import text_terms
+
+        req = _valid(S.TextSearchRequest, {**query, "k": k, "filter": filter, "hybrid": hybrid})
         vec = await self._embed_query(req)
-        return await self._await(self.index.search_photos.remote(vec, req.k, _filter(req)))
+        use = self.hybrid if req.hybrid is None else req.hybrid
+        terms = text_terms(_query_text(req)) if use else None
+        return await self._await(self.index.search_photos.remote(vec, req.k, _filter(req), terms))
 
     async def search_image_hits(
         self, data: bytes, k: int = 10, filter: dict[str, Any] | None = None
@@ -392,6 +398,13 @@ def _valid(model: Any, data: Any) -> Any:
         return S.validated(model, data)
     except ValueError as e:
         raise HTTPException(422, str(e)) from e
+
+
+def _query_text(q: S.RecipeQuery) -> Any:
+    """The query as :class:`tnlbt.inference.RecipeText` (the one rule for a text box, or the parts)."""
+    from tnlbt.inference import RecipeText
+
+    return RecipeText.from_query(q.model_dump(include={"text", "title", "ingredients", "instructions"}))
 
 
 def _filter(req: Any) -> dict[str, Any] | None:
@@ -517,6 +530,7 @@ def build_api_app(api: SearchService) -> Any:
             req.model_dump(include={"text", "title", "ingredients", "instructions"}),
             req.k,
             req.filter.model_dump(exclude_defaults=True) if req.filter else None,
+            req.hybrid,
         )
         return S.PhotoSearchResponse(hits=hits, took_ms=round((time.perf_counter() - t) * 1e3, 2))
 
@@ -694,14 +708,18 @@ def ui_fns(api: Any) -> tuple[Any, Any]:
     """
     import gradio as gr
 
+    from tnlbt.index.filters import split_terms
     from tnlbt.inference import RecipeText
 
-    async def text_fn(title: str, ingredients: str, instructions: str, k: float) -> list:
+    async def text_fn(title: str, ingredients: str, instructions: str, k: float, include: str = "",
+                      exclude: str = "") -> list:
         query = RecipeText.from_boxes(title, ingredients, instructions)
         if query.is_empty():
             raise gr.Error("Type a title, ingredients or instructions first.")
+        # the API validates the filter as it does a request's (a term of quantities only, too many terms: 422)
+        flt = {"must_include": split_terms(include), "must_exclude": split_terms(exclude)}
         try:
-            hits = await api.search_text_hits.remote(query.as_dict(), k)
+            hits = await api.search_text_hits.remote(query.as_dict(), k, flt if any(flt.values()) else None)
         except Exception as e:  # typed API errors arrive wrapped; show their message, not a traceback
             raise gr.Error(_user_message(e)) from e
         return await _gallery(api, hits)

@@ -12,7 +12,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 MAX_K = 100
 MAX_FREE_TEXT = 2000
@@ -133,6 +142,12 @@ class RecipeQuery(BaseModel):
 class TextSearchRequest(RecipeQuery):
     k: int = Field(default=10, ge=1, le=MAX_K)
     filter: SearchFilter | None = None
+    # true/false only (no "yes", 1): a typo'd option is a 422, not silently one ranking or the other
+    hybrid: StrictBool | None = Field(
+        default=None,
+        description="rank by the dense score fused with a title/ingredient word match (true) or dense only "
+        "(false); omitted: the server's default (serve config `hybrid`). Hybrid scores are fused (RRF) scores.",
+    )
 
 
 class ImageSearchParams(BaseModel):

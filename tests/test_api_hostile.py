@@ -56,8 +56,8 @@ def _service(encode_photo: Any = None) -> Any:
     text = _Handle(encode=lambda q: [1.0, 0.0, 0.0, 0.0], dim=lambda: 4)
     image = _Handle(encode_photo=encode_photo or _photo([0.0, 1.0, 0.0, 0.0]), dim=lambda: 4)
     index = _Handle(
-        search_photos=lambda v, k, f: [],
-        search_recipes=lambda v, k, f: [],
+        search_photos=lambda v, k, f, terms=None: [],
+        search_recipes=lambda v, k, f, terms=None: [],
         ready=lambda: {"recipes": 1, "photos": 1},
         get_image=lambda i: None,
         get_recipe=lambda i: None,

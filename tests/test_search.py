@@ -215,7 +215,7 @@ def test_searcher_equals_brute_force_over_written_embeddings(tiny_index):
     run, meta = tiny_index
     s = Searcher.from_run(run)
     try:
-        hits = s.search_text("tomato basil soup\n1 cup flour\nsalt", k=7)
+        hits = s.search_text("tomato basil soup\n1 cup flour\nsalt", k=7, hybrid=False)  # dense: cosine scores
         q = s.encoder.encode_texts(
             [
                 __import__("tnlbt.inference", fromlist=["RecipeText"]).RecipeText(

@@ -124,7 +124,8 @@ def test_search_text_equals_brute_force(api):
 
     base, run, meta = api
     r = _post(
-        base, "/v1/search/text", json={"title": "tomato basil soup", "ingredients": ["1 cup flour"], "k": 5}
+        base, "/v1/search/text", json={"title": "tomato basil soup", "ingredients": ["1 cup flour"], "k": 5,
+                                       "hybrid": False}  # dense: cosine scores (hybrid: tests/test_hybrid.py)
     )
     assert r.status_code == 200, r.text
     hits = r.json()["hits"]

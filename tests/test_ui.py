@@ -47,7 +47,7 @@ def test_demo_in_process_and_via_gradio_client(searcher, tmp_path):
     text_fn, image_fn = searcher_fns(s)
     demo = build_demo(text_fn, image_fn, examples, card)
     # Blocks called as a function: no server
-    gal = demo("tomato soup", "1 cup flour", "", 4, api_name="search_text")
+    gal = demo("tomato soup", "1 cup flour", "", 4, "", "", api_name="search_text")
     assert len(gal) == 4
     _, url, _ = demo.launch(
         prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True
@@ -56,11 +56,17 @@ def test_demo_in_process_and_via_gradio_client(searcher, tmp_path):
         c = Client(url, verbose=False)
         named = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
         assert {"/search_text", "/search_image"} <= named
-        gal = c.predict("chocolate cake", "", "", 3, api_name="/search_text")
+        gal = c.predict("chocolate cake", "", "", 3, api_name="/search_text")  # the filter boxes left out: empty
+        from tnlbt.index.filters import recipe_filter
         from tnlbt.inference import RecipeText
 
         want = [h["title"] for h in s.search_text(RecipeText("chocolate cake"), k=3)]
         assert [g["caption"].rsplit("  (", 1)[0] for g in gal] == want  # same ranking as the Searcher
+        # the must include / must exclude boxes are the API's filter
+        gal = c.predict("chocolate cake", "", "", 5, "", "Tomatoes, flour", api_name="/search_text")
+        flt = recipe_filter(must_exclude=["tomato", "flour"])
+        want = [h["title"] for h in s.search_text(RecipeText("chocolate cake"), k=5, filter=flt)]
+        assert [g["caption"].rsplit("  (", 1)[0] for g in gal] == want and want
         p = tmp_path / "q.jpg"
         p.write_bytes(_jpeg(COLOURS[4]))
         tab = c.predict(handle_file(str(p)), 2, api_name="/search_image")
@@ -71,6 +77,8 @@ def test_demo_in_process_and_via_gradio_client(searcher, tmp_path):
 
         with pytest.raises(AppError):
             c.predict("", "", "", 3, api_name="/search_text")
+        with pytest.raises(AppError, match="no ingredient word"):  # a filter term of quantities only
+            c.predict("cake", "", "", 3, "2 cups", "", api_name="/search_text")
     finally:
         demo.close()
 
@@ -96,3 +104,20 @@ def test_ui_files_travel_as_bytes_to_the_replica(tmp_path):
     assert p.endswith("abc.jpg") and Path(p).read_bytes() == b"\xff\xd8jpeg"
     assert Path(card2["curves"]).read_bytes() == b"\x89PNG"
     assert local_files({"images": ["/x/y.jpg"], "curves": None}) == {"images": ["/x/y.jpg"], "curves": None}
+
+
+def test_filter_boxes_reach_the_api_as_its_filter():
+    """The Serve UI's callable (``ui_fns``) hands the boxes to the API's search as ``must_include`` /
+    ``must_exclude`` (which validates and normalises them); empty boxes send no filter."""
+    import asyncio
+
+    from test_api_hostile import _Handle
+    from tnlbt.serve.deployments import ui_fns
+
+    api = _Handle(search_text_hits=lambda q, k, f: [], image_bytes=lambda i: None)
+    text_fn, _ = ui_fns(api)
+    asyncio.run(text_fn("soup", "", "", 3, "Tomatoes, basil ,", " peanut"))
+    asyncio.run(text_fn("soup", "", "", 3, " , ", ""))
+    (q1, k1, f1), (_, _, f2) = api.calls["search_text_hits"]
+    assert q1["title"] == "soup" and k1 == 3
+    assert f1 == {"must_include": ["Tomatoes", "basil"], "must_exclude": ["peanut"]} and f2 is None

@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", help="recipe text (title, ingredients, instructions)")
     g.add_argument("--image", help="path to a food photo")
     p.add_argument("-k", type=int, default=10, help="number of results")
+    p.add_argument("--include", action="append", metavar="INGREDIENTS",
+                   help="only recipes with these ingredients (comma separated; repeatable)")
+    p.add_argument("--exclude", action="append", metavar="INGREDIENTS",
+                   help="no recipe with any of these ingredients (comma separated; repeatable)")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
+                   help="text queries: rank by dense + title/ingredient words (default) or dense only (--no-hybrid)")
     p.add_argument("--qdrant-url", default=None)
     p.add_argument("--qdrant-path", default=None)
     _add_index_setting_arg(p)
@@ -166,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qdrant-path", default=None)
     p.add_argument("--gpus", type=float, default=0.0,
                    help="GPU share per encoder replica (0 = CPU; 0.5 = text and image encoder on one GPU)")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
+                   help="default ranking of text searches that do not say: hybrid (default) or --no-hybrid (dense)")
     _add_index_setting_arg(p)
 
     p = sub.add_parser("demo", help="the whole chain on a laptop: synth -> ... -> serve",

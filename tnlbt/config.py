@@ -495,6 +495,11 @@ class IndexConfig:
 _SERVE_ARGS_STORE = {"store": "kind", "qdrant_url": "url", "qdrant_path": "path", "index_settings": "settings"}
 
 
+# Text queries rank hybrid (tnlbt.index.hybrid: dense + a lexical score over title and ingredient terms) unless a
+# request or the serve config says otherwise: set to what bench/hybrid.py measured better (README "Hybrid ranking").
+HYBRID_DEFAULT = True
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """``tnlbt serve`` and the Serve builders (``serve/config.yaml``'s ``args``): one typed section."""
@@ -518,6 +523,7 @@ class ServeConfig:
     # write keys, one a line, besides TNLBT_API_KEY (tnlbt.serve.auth); no key anywhere = writes are off
     api_keys_file: str = ""
     examples: int = 4  # test-split examples shown in the UI
+    hybrid: bool = HYBRID_DEFAULT  # text searches that do not say: hybrid or dense ranking
 
     def __post_init__(self) -> None:
         _check(self.cpus >= 0 and self.gpus >= 0, "serve.cpus", "cpus and gpus must be >= 0")

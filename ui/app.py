@@ -111,8 +111,9 @@ def build_demo(
 ) -> Any:
     """The Blocks app.
 
-    * ``search_text_fn(title, ingredients, instructions, k) -> [(image, caption), ...]`` (gallery items;
-      ingredients / instructions arrive as one text box each, one line per item)
+    * ``search_text_fn(title, ingredients, instructions, k, include, exclude) -> [(image, caption), ...]``
+      (gallery items; ingredients / instructions arrive as one text box each, one line per item; include /
+      exclude as one box each of comma-separated ingredient names: :func:`tnlbt.index.filters.split_terms`)
     * ``search_image_fn(photo_path, k) -> [[title, ingredients, score], ...]``: the uploaded file, undecoded,
       its header already checked (a photo format, within the pixel limits, at most ``max_upload_bytes``)
     * ``examples``: ``{"text": [[title, ingredients, instructions], ...], "images": [path, ...]}``
@@ -135,6 +136,14 @@ def build_demo(
                     )
                     ingredients = gr.Textbox(label="Ingredients (one per line)", lines=5)
                     instructions = gr.Textbox(label="Instructions (one per line)", lines=4)
+                    # the API's filter (must_include / must_exclude), normalised like the index: "Tomatoes" = "tomato"
+                    with gr.Row():
+                        # value="": an API client that sends only the first four inputs (as before these
+                        # boxes) gets no filter instead of "missing argument"
+                        include = gr.Textbox(value="", label="Must include (comma separated)",
+                                             placeholder="e.g. chicken, garlic", max_length=2000)
+                        exclude = gr.Textbox(value="", label="Must exclude (comma separated)",
+                                             placeholder="e.g. peanut", max_length=2000)
                     text_btn = gr.Button("Search photos", variant="primary", elem_id="search-text-btn")
                 with gr.Column(scale=2):
                     gallery = gr.Gallery(
@@ -146,13 +155,13 @@ def build_demo(
                 )
             text_btn.click(
                 search_text_fn,
-                inputs=[title, ingredients, instructions, k],
+                inputs=[title, ingredients, instructions, k, include, exclude],
                 outputs=gallery,
                 api_name="search_text",
             )
             title.submit(
                 search_text_fn,
-                inputs=[title, ingredients, instructions, k],
+                inputs=[title, ingredients, instructions, k, include, exclude],
                 outputs=gallery,
                 api_visibility="undocumented",
             )
@@ -195,12 +204,15 @@ def searcher_fns(searcher: Any) -> tuple[Callable, Callable]:
     import gradio as gr
     from PIL import Image
 
+    from tnlbt.index.filters import recipe_filter, split_terms
     from tnlbt.inference import RecipeText
 
-    def text_fn(title: str, ingredients: str, instructions: str, k: float) -> list[tuple[Any, str]]:
+    def text_fn(title: str, ingredients: str, instructions: str, k: float, include: str = "",
+                exclude: str = "") -> list[tuple[Any, str]]:
         q = RecipeText.from_boxes(title, ingredients, instructions)
         try:
-            hits = searcher.search_text(q, int(k))
+            flt = recipe_filter(must_include=split_terms(include), must_exclude=split_terms(exclude))
+            hits = searcher.search_text(q, int(k), flt)
         except ValueError as e:
             raise gr.Error(str(e)) from e
         out = []

@@ -73,6 +73,14 @@ def recipe_filter(
     return out or None
 
 
+def split_terms(values: str | Sequence[str] | None) -> list[str]:
+    """Comma-separated terms as a person types them in one box or flag ("peanut, Tomatoes" -> ``["peanut",
+    "Tomatoes"]``; several boxes or repeated flags add up); blanks dropped, normalising is
+    :func:`recipe_filter`'s."""
+    parts = [values] if isinstance(values, str) else list(values or ())
+    return [t.strip() for v in parts for t in str(v).split(",") if t.strip()]
+
+
 def _ingredient(name: str) -> str:
     key = ingredient_key(name)
     if not key:

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from tnlbt import storage
-from tnlbt.config import StoreConfig
+from tnlbt.config import HYBRID_DEFAULT, StoreConfig
+from tnlbt.index import hybrid
 from tnlbt.index.store import PHOTOS, RECIPES, Hit, IndexNotFound, VectorStore, open_store
 from tnlbt.inference import Encoder, RecipeText
 from tnlbt.runs import (
@@ -259,13 +260,22 @@ class IndexReader:
         k: int = 10,
         filter: dict[str, Any] | None = None,
         image_url_prefix: str = "/v1/images/",
+        terms: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
-        return [photo_hit(h, image_url_prefix) for h in self.store.search(PHOTOS, vector, k, filter)]
+        """Photos nearest to ``vector``; with a text query's ``terms`` (:func:`tnlbt.index.hybrid.query_terms`)
+        ranked hybrid, the score then being the fused score."""
+        hits = hybrid.search(self.store, PHOTOS, vector, k, filter, terms)
+        return [photo_hit(h, image_url_prefix) for h in hits]
 
     def search_recipes(
-        self, vector: Sequence[float], k: int = 10, filter: dict[str, Any] | None = None
+        self,
+        vector: Sequence[float],
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        terms: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
-        return [recipe_hit(h) for h in self.store.search(RECIPES, vector, k, filter)]
+        """Recipes nearest to ``vector`` (a photo's, or a text query's: then ``terms`` rank it hybrid)."""
+        return [recipe_hit(h) for h in hybrid.search(self.store, RECIPES, vector, k, filter, terms)]
 
     def get_recipe(self, recipe_id: str) -> dict[str, Any] | None:
         p = self.store.retrieve(RECIPES, [recipe_id], "recipe")[0]
@@ -311,13 +321,18 @@ class Searcher:
             raise
 
     def search_text(
-        self, query: RecipeText | str, k: int = 10, filter: dict[str, Any] | None = None
+        self,
+        query: RecipeText | str,
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        hybrid: bool = HYBRID_DEFAULT,
     ) -> list[dict[str, Any]]:
+        """Photos for recipe text, ranked hybrid (:mod:`tnlbt.index.hybrid`) or, with ``hybrid=False``, dense."""
         q = RecipeText.from_free_text(query) if isinstance(query, str) else query
         if q.is_empty():
             raise ValueError("empty query: give a title, ingredients or instructions")
         vec = self.encoder.encode_texts([q])[0]
-        return self.reader.search_photos(vec, _check_k(k), filter)
+        return self.reader.search_photos(vec, _check_k(k), filter, terms=text_terms(q) if hybrid else None)
 
     def search_image(self, image: Any, k: int = 10, filter: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """``image``: bytes, a path (decoded as the API decodes an upload), or a PIL image."""
@@ -331,6 +346,11 @@ class Searcher:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def text_terms(query: RecipeText) -> list[str]:
+    """A text query's lexical terms for hybrid ranking (its title and ingredients; instructions have none)."""
+    return hybrid.query_terms(query.title, list(query.ingredients))
 
 
 def _check_k(k: int) -> int:
@@ -361,6 +381,14 @@ def cli_search(args: argparse.Namespace) -> int:
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"no such image: {args.image}")
     store = StoreConfig(url=args.qdrant_url, path=args.qdrant_path, settings=tuple(args.index_setting or ()))
+    from tnlbt.index.filters import recipe_filter, split_terms
+
+    try:  # a bad term ("2 cups") is refused before the model and the index are loaded
+        flt = recipe_filter(must_include=split_terms(getattr(args, "include", None)),
+                            must_exclude=split_terms(getattr(args, "exclude", None)))
+    except ValueError as e:
+        print(f"tnlbt search: {e}", file=sys.stderr)
+        return 2
     try:
         searcher = Searcher.from_run(run, store)
     except (StoreUnavailable, IndexNotFound) as e:
@@ -369,10 +397,11 @@ def cli_search(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.text is not None:
-            hits = searcher.search_text(args.text, k=args.k)
+            use = HYBRID_DEFAULT if getattr(args, "hybrid", None) is None else args.hybrid
+            hits = searcher.search_text(args.text, k=args.k, filter=flt, hybrid=use)
             print(format_hits(hits, "photos"))
         else:
-            hits = searcher.search_image(Path(args.image), k=args.k)
+            hits = searcher.search_image(Path(args.image), k=args.k, filter=flt)
             print(format_hits(hits, "recipes"))
     except (StoreUnavailable, IndexNotFound) as e:
         print(f"tnlbt search: {e}", file=sys.stderr)
