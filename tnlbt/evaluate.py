@@ -130,11 +130,9 @@ def _row_batches(split_dir: str | Path, batch_size: int) -> Iterator[list[dict[s
     """Paired rows of a split (local folder or URI) in batches, through
     :class:`~tnlbt.data.dataset.RecipeDataset` (row groups read lazily and cached; raises ``FileNotFoundError``
     at once when the split has no part files)."""
-    from tnlbt.data.dataset import RecipeDataset
+    from tnlbt.data.dataset import paired_row_batches
 
-    ds = RecipeDataset(split_dir, paired_only=True, columns=list(EVAL_COLUMNS))
-    n = len(ds)
-    return ([ds[i] for i in range(start, min(start + batch_size, n))] for start in range(0, n, batch_size))
+    return paired_row_batches(split_dir, batch_size, EVAL_COLUMNS)
 
 
 def cli_eval(args: argparse.Namespace) -> int:

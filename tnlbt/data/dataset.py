@@ -14,7 +14,7 @@ credentials / ``TNLBT_STORAGE_ROUTES``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +105,12 @@ class RecipeDataset(Dataset):
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()  # DataLoader workers start with an empty cache
         return state
+
+
+def paired_row_batches(split_dir: str | Path, batch_size: int, columns: Sequence[str]
+                       ) -> Iterator[list[dict[str, Any]]]:
+    """The paired rows of a split (local folder or URI) in order, ``batch_size`` at a time, read one row group
+    at a time through :class:`RecipeDataset` (bounded memory; ``FileNotFoundError`` at once without parts)."""
+    ds = RecipeDataset(split_dir, paired_only=True, columns=list(columns))
+    n = len(ds)
+    return ([ds[i] for i in range(start, min(start + batch_size, n))] for start in range(0, n, batch_size))

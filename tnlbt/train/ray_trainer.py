@@ -10,7 +10,8 @@
   rows) and ``train_recipe`` (recipe-only rows) are split across workers
   (``DataConfig(datasets_to_split=[...])``, which uses
   ``streaming_split(equal=True)`` so every worker gets the same number of rows and the ranks stay in step);
-  ``val`` is not split (rank 0 embeds it). Reshuffling each epoch is the cheap kind:
+  val is no Ray dataset: rank 0 reads its Parquet parts a row group at a time. Reshuffling each epoch is the
+  cheap kind:
   ``randomize_block_order()``
   (no seed: a new block order on every execution, i.e. every epoch) plus a local shuffle buffer of
   ``train.shuffle_buffer`` rows in each worker's iterator. A full ``random_shuffle`` would move every JPEG
@@ -66,8 +67,12 @@ log = logging.getLogger(__name__)
 class RayBackend:
     """The loop's view of a Ray Train worker: rank, device, dataset shards, checkpoints, report."""
 
-    def __init__(self, shuffle_buffer: int, resume: str | None, in_memory: tuple[str, int] | None = None) -> None:
-        """``in_memory=(data_dir, seed)``: rows from :class:`SeededRows` instead of Ray Data shards."""
+    def __init__(self, shuffle_buffer: int, resume: str | None, data_dir: str, seed: int,
+                 in_memory: bool = False) -> None:
+        """``in_memory``: train rows from :class:`SeededRows` instead of Ray Data shards. Val (rank 0 only) is
+        read straight from its Parquet parts either way, a row group at a time: a Ray Data execution for it
+        cost a streaming-executor start every epoch, and on a small box its read tasks waited for CPUs the
+        train splits' executors held (a test's epoch-end validation stalled for minutes)."""
         import ray.train
         import ray.train.torch
 
@@ -77,8 +82,9 @@ class RayBackend:
         self.device = ray.train.torch.get_device()
         self._shuffle = shuffle_buffer or None
         self._resume = resume
-        if in_memory is not None:
-            rows = SeededRows(in_memory[0], in_memory[1], self.rank, self.world_size)
+        self._val_dir = storage.join(data_dir, "val")
+        if in_memory:
+            rows = SeededRows(data_dir, seed, self.rank, self.world_size)
             self.paired_batches, self.recipe_batches, self.val_batches = (
                 rows.paired_batches, rows.recipe_batches, rows.val_batches)
             return
@@ -87,7 +93,6 @@ class RayBackend:
             self._recipe = ray.train.get_dataset_shard("train_recipe")
         except (KeyError, ValueError):
             self._recipe = None
-        self._val = ray.train.get_dataset_shard("val")
 
     @staticmethod
     def _rows(it, batch_size: int, shuffle: int | None) -> Iterator[Rows]:
@@ -112,8 +117,9 @@ class RayBackend:
         return self._rows(self._recipe, batch_size, self._shuffle)
 
     def val_batches(self, batch_size: int) -> Iterator[Rows]:
-        for table in self._val.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=1):
-            yield table.to_pylist()
+        from tnlbt.data.dataset import paired_row_batches
+
+        return paired_row_batches(self._val_dir, batch_size, MODEL_COLUMNS)
 
     @contextlib.contextmanager
     def resume_dir(self) -> Iterator[Path | str | None]:
@@ -144,8 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     )
     cfg = Config.from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
-    in_memory = (config["data_dir"], cfg.train.seed) if config.get("in_memory") else None
-    backend = RayBackend(cfg.train.shuffle_buffer, config.get("resume"), in_memory)
+    backend = RayBackend(cfg.train.shuffle_buffer, config.get("resume"), config["data_dir"], cfg.train.seed,
+                         bool(config.get("in_memory")))
     return run_training(cfg, backend, config["data_dir"], config["run_dir"], n_paired=config["n_paired"])
 
 
@@ -175,7 +181,7 @@ def _write_config(cfg: Config, run_dir: Path | str) -> None:
 
 
 def build_datasets(data_dir: Path | str, shuffle_blocks: bool = True) -> dict[str, Any]:
-    """Ray Data datasets: ``train`` (paired), ``train_recipe`` (recipe-only), ``val`` (paired).
+    """Ray Data datasets: ``train`` (paired), ``train_recipe`` (recipe-only); val is read by rank 0 directly.
 
     ``data_dir`` may be a URI: the part files are listed here and handed to ``read_parquet`` as
     :func:`tnlbt.storage.ray_storage` says (URIs Ray resolves on each node, else paths plus a filesystem).
@@ -208,7 +214,6 @@ def build_datasets(data_dir: Path | str, shuffle_blocks: bool = True) -> dict[st
     return {
         "train": train.map_batches(paired, batch_format="pyarrow", batch_size=None),
         "train_recipe": train.map_batches(recipe_only, batch_format="pyarrow", batch_size=None),
-        "val": read("val").map_batches(paired, batch_format="pyarrow", batch_size=None),
     }
 
 
