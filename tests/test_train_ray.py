@@ -41,7 +41,6 @@ def ray_run(ray_session, tmp_path_factory) -> tuple[Path, Path, dict]:
             "train.recipe_only_batch_mult=1",
             "train.fail_at_step=5",
             "train.val_bag_size=32",
-            "train.data_path=ray_data",  # the streaming path (a toy split would be read into memory by auto)
         ],
     )
     summary = fit(cfg, data)
@@ -74,6 +73,24 @@ def test_two_worker_run_with_failure(ray_run) -> None:
     assert list(run.glob("checkpoint_*")), "Ray's own checkpoint copies live in the run directory"
 
 
+def test_ray_data_streaming_path(ray_run) -> None:
+    """``train.data_path=ray_data`` (big splits): the train splits stream through Ray Data shards
+    (``streaming_split``); one short epoch, since every epoch starts Ray Data's executors (the toy run above
+    reads its rows into each worker, ``auto``)."""
+    from tnlbt.train.ray_trainer import fit, use_in_memory
+
+    run, data, _ = ray_run
+    cfg = Config.load("tiny_test", [f"train.runs_dir={run.parent}", "train.run_name=stream",
+                                    "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.epochs=1",
+                                    "train.max_steps_per_epoch=2", "train.recipe_only_batch_mult=1",
+                                    "train.val_bag_size=32", "train.data_path=ray_data"])
+    assert not use_in_memory(cfg, data) and use_in_memory(Config.load("tiny_test"), data)
+    out = fit(cfg, data)
+    assert out["final_step"] == 2 and out["final_epoch"] == 1
+    recs = read_jsonl(run.parent / "stream" / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in recs] == [("train", 1), ("train", 2), ("val", 2)]
+
+
 @pytest.mark.slow
 def test_rerun_same_name_resumes(ray_run) -> None:
     from tnlbt.train.ray_trainer import fit
@@ -90,7 +107,6 @@ def test_rerun_same_name_resumes(ray_run) -> None:
             "train.max_steps_per_epoch=4",
             "train.recipe_only_batch_mult=1",
             "train.val_bag_size=32",
-            "train.data_path=ray_data",
         ],
     )
     out = fit(cfg, data)
