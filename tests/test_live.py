@@ -86,6 +86,12 @@ def _photo_vec(enc, data):
     return enc.encode_tensors([enc.photo_tensor(data)])[0]
 
 
+def _put_recipe_with_photo(li, enc, recipe_id: str, recipe: dict, photo: bytes) -> None:
+    """A live recipe and one photo of it, ``{recipe_id}.jpg``, each embedded by the run's encoder."""
+    li.put_recipe(recipe_id, _text_vec(enc, recipe), recipe)
+    li.put_photo(f"{recipe_id}.jpg", _photo_vec(enc, photo), photo, recipe_id)
+
+
 def test_split_index_payloads_carry_filter_fields(live):
     from tnlbt.index.store import PHOTOS, RECIPES
 
@@ -109,8 +115,7 @@ def test_filters_on_both_directions_and_peanut_exclusion(live):
     store = _open(kind, run)
     try:
         li = _live_index(store, run)
-        li.put_recipe("peanut1", _text_vec(enc, PEANUT), PEANUT)
-        li.put_photo("peanut1.jpg", _photo_vec(enc, _jpeg(COLOURS[4], seed=77)), _jpeg(COLOURS[4], seed=77), "peanut1")
+        _put_recipe_with_photo(li, enc, "peanut1", PEANUT, _jpeg(COLOURS[4], seed=77))
         reader = IndexReader(store)
         q = _text_vec(enc, PEANUT)
         everything = reader.search_recipes(q, 100)
@@ -234,12 +239,10 @@ def test_replay_keeps_live_changes_in_a_rebuilt_index(live):
     store = _open(kind, run)
     try:
         li = _live_index(store, run)
-        li.put_recipe("keep1", _text_vec(enc, PEANUT), PEANUT)
         photo = _jpeg(COLOURS[5], seed=5)
-        li.put_photo("keep1.jpg", _photo_vec(enc, photo), photo, "keep1")
+        _put_recipe_with_photo(li, enc, "keep1", PEANUT, photo)
         li.put_photo("orphan.jpg", _photo_vec(enc, photo), photo)  # a photo without a recipe
-        li.put_recipe("gone1", _text_vec(enc, PEANUT), PEANUT)
-        li.put_photo("gone1.jpg", _photo_vec(enc, photo), photo, "gone1")
+        _put_recipe_with_photo(li, enc, "gone1", PEANUT, photo)
         li.delete_recipe("gone1")
         li.delete_recipe("rec001")  # a recipe of the split: the rebuild must not bring it back
         before = {c: store.count(c) for c in (RECIPES, PHOTOS)}
