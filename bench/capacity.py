@@ -469,8 +469,10 @@ def serve_row(results: Path, qps: float, prices: dict[str, float]) -> Row:
     else:
         row.missing.append("GPU QPS per replica (gpu_qps_per_replica): no GPU measurement yet")
         er = _embed_rates(results)
-        best = max((r for r in d.get("results", []) if r.get("rps") and r.get("errors", 1) == 0),
-                   key=lambda r: r["rps"], default=None)
+        # the default deployment (Serve's Python proxy), searches only: what a user of `tnlbt serve` gets
+        default_rows = (r for r in d.get("results", []) if r.get("rps") and r.get("errors", 1) == 0
+                        and r.get("proxy", "python") == "python" and not r.get("write_share"))
+        best = max(default_rows, key=lambda r: r["rps"], default=None)
         if er is not None and best is not None:
             rates, _ = er
             cores = int((d.get("machine") or {}).get("cpus") or 2)

@@ -14,6 +14,7 @@ starts Serve in-process on a free port. Results go to ``bench/results/serve.json
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -21,7 +22,6 @@ import platform
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -194,62 +194,88 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load(url: str, kind: str, concurrency: int, duration: float, payloads: list, k: int = 10) -> dict:
-    import requests
+WRITE_KEY = "bench-serve-write-key-0123456789abcdef"  # the bench run's own key (TNLBT_API_KEY), writes only
 
-    lat: list[float] = []
+
+async def _load(url: str, kind: str, concurrency: int, duration: float, payloads: list, k: int,
+                write_share: float) -> tuple[dict[str, list[float]], dict[str, int], float]:
+    """``concurrency`` asyncio clients on one aiohttp session (a cheap generator: one thread, no per-client
+    Python threads competing with the server for the two cores). Every ``1/write_share``-th request of a client
+    is a ``PUT /v1/recipes/bench-w-N`` (embed + upsert + changes log), the rest are searches of ``kind``."""
+    import aiohttp
+
+    lat: dict[str, list[float]] = {"read": [], "write": []}
     codes: dict[str, int] = {}
-    lock = threading.Lock()
+    every = round(1 / write_share) if write_share > 0 else 0
+    auth = {"Authorization": f"Bearer {WRITE_KEY}"}
     stop_at = time.perf_counter() + duration
 
-    def worker(wid: int) -> None:
-        s = requests.Session()
-        i = wid
+    async def one(session: aiohttp.ClientSession, n: int, p: Any) -> tuple[str, str]:
+        if every and n % every == every - 1:
+            w = n % 200
+            body = {"title": f"bench write {w}", "ingredients": ["1 cup flour", "salt"], "instructions": ["mix"]}
+            async with session.put(f"{url}/v1/recipes/bench-w-{w}", json=body, headers=auth) as r:
+                await r.read()
+                return "write", str(r.status)
+        if kind == "text":
+            async with session.post(f"{url}/v1/search/text", json={"title": p, "k": k}) as r:
+                await r.read()
+                return "read", str(r.status)
+        form = aiohttp.FormData()
+        form.add_field("file", p, filename="q.jpg", content_type="image/jpeg")
+        form.add_field("k", str(k))
+        async with session.post(f"{url}/v1/search/image", data=form) as r:
+            await r.read()
+            return "read", str(r.status)
+
+    async def client(session: aiohttp.ClientSession, wid: int) -> None:
+        n = wid
         while time.perf_counter() < stop_at:
-            p = payloads[i % len(payloads)]
-            i += concurrency
             t = time.perf_counter()
             try:
-                if kind == "text":
-                    r = s.post(f"{url}/v1/search/text", json={"title": p, "k": k}, timeout=30)
-                else:
-                    r = s.post(
-                        f"{url}/v1/search/image",
-                        files={"file": ("q.jpg", p, "image/jpeg")},
-                        data={"k": str(k)},
-                        timeout=30,
-                    )
-                code = str(r.status_code)
+                what, code = await one(session, n, payloads[n % len(payloads)])
             except Exception as e:  # a timeout / reset counts as an error, the run goes on
-                code = type(e).__name__
-            dt = (time.perf_counter() - t) * 1e3
-            with lock:
-                codes[code] = codes.get(code, 0) + 1
-                if code == "200":
-                    lat.append(dt)
+                what, code = "read", type(e).__name__
+            n += concurrency
+            codes[code] = codes.get(code, 0) + 1
+            if code == "200":
+                lat[what].append((time.perf_counter() - t) * 1e3)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t0
-    a = np.array(lat) if lat else np.array([np.nan])
+    timeout = aiohttp.ClientTimeout(total=30)
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=conn) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(session, w) for w in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return lat, codes, wall
+
+
+def load(url: str, kind: str, concurrency: int, duration: float, payloads: list, k: int = 10,
+         write_share: float = 0.0) -> dict:
+    lat, codes, wall = asyncio.run(_load(url, kind, concurrency, duration, payloads, k, write_share))
+
+    def pct(xs: list[float], q: float) -> float:
+        return round(float(np.percentile(xs, q)), 1) if xs else float("nan")
+
     n_ok = codes.get("200", 0)
-    return {
+    out = {
         "endpoint": "text->photos" if kind == "text" else "photo->recipes",
         "concurrency": concurrency,
+        "write_share": write_share,
         "duration_s": round(wall, 1),
         "requests": sum(codes.values()),
         "ok": n_ok,
         "errors": sum(codes.values()) - n_ok,
         "status_counts": codes,
         "rps": round(n_ok / wall, 2),
-        "p50_ms": round(float(np.nanpercentile(a, 50)), 1),
-        "p95_ms": round(float(np.nanpercentile(a, 95)), 1),
-        "p99_ms": round(float(np.nanpercentile(a, 99)), 1),
+        "p50_ms": pct(lat["read"], 50),
+        "p95_ms": pct(lat["read"], 95),
+        "p99_ms": pct(lat["read"], 99),
     }
+    if write_share:
+        out.update({"writes_ok": len(lat["write"]), "write_p50_ms": pct(lat["write"], 50),
+                    "write_p99_ms": pct(lat["write"], 99)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,13 +292,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="")
     p.add_argument("--index-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="index settings of the bench index (tnlbt/index/store.py IndexSettings); repeatable")
+    p.add_argument("--topology", default="auto", choices=["auto", "colocated", "graph"],
+                   help="serve.topology of the bench app (serve/local.py)")
+    p.add_argument("--write-shares", type=float, nargs="+", default=[0.0, 0.1],
+                   help="share of requests that are writes (PUT /v1/recipes/ID), one row each (text endpoint)")
+    p.add_argument("--serve-mode", default="throughput", choices=["default", "throughput"],
+                   help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (throughput, what tnlbt serve sets) or 0 for this Ray")
+    p.add_argument("--proxy", default="python", choices=["python", "haproxy"], help="serve_env's proxy")
     _quiet.add_arguments(p)
     a = p.parse_args(argv)
     quiet = _quiet.from_args(a, "bench/serve.py")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["TNLBT_API_KEY"] = WRITE_KEY  # read by the app builder in this process: writes are on
     url = a.url
-    setting = {"index_size": a.index_size, "preset": a.preset, "store": a.store} if not url else {"url": url}
+    setting = ({"index_size": a.index_size, "preset": a.preset, "store": a.store, "topology": a.topology,
+                "serve_mode": a.serve_mode, "proxy": a.proxy} if not url else {"url": url})
     settings = None
     if not url:
         from tnlbt.index.store import IndexSettings
@@ -283,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         setting["index_settings"] = changed or "defaults"
     if not url:
         import ray
-        from tnlbt.serve.app import patient_serve_env, run_local, wait_ready
+        from tnlbt.serve.app import run_local, serve_env, wait_ready
 
         root = Path(tempfile.mkdtemp(prefix="bench_serve_"))
         t = time.perf_counter()
@@ -292,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             f"bench run with {a.index_size} points per collection built in {time.perf_counter() - t:.0f}s",
             flush=True,
         )
-        patient_serve_env()
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if a.serve_mode == "throughput" else "0"
+        serve_env(a.proxy)
         ray.init(
             num_cpus=max(4, os.cpu_count() or 1),
             include_dashboard=False,
@@ -300,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"),
         )
         port = free_port()
-        run_local({"run": str(run), "cpus": a.cpus, "max_replicas": 1}, port=port, ui=False)
+        run_local({"run": str(run), "cpus": a.cpus, "max_replicas": 1, "topology": a.topology}, port=port, ui=False)
         url = f"http://127.0.0.1:{port}"
         if not wait_ready(url, 600):
             print("API did not become ready", file=sys.stderr)
@@ -310,28 +346,33 @@ def main(argv: list[str] | None = None) -> int:
     images = [_jpeg(rng) for _ in range(16)]
     out = Path(a.out)
     doc = json.loads(out.read_text()) if out.exists() else {"results": []}
-    for kind in a.endpoints:
-        load(url, kind, 1, min(3.0, a.duration), texts if kind == "text" else images)  # warm-up
-        for c in a.concurrency:
-            r = load(url, kind, c, a.duration, texts if kind == "text" else images)
-            r.update(setting)
-            r["note"] = a.note
-            r["load_avg_1m"] = round(os.getloadavg()[0], 2)
-            r["quiet"] = _quiet.finish(quiet)
-            print(json.dumps(r), flush=True)
-            doc["results"] = [
-                x
-                for x in doc["results"]
-                if not (
-                    x.get("endpoint") == r["endpoint"]
-                    and x.get("concurrency") == c
-                    and all(x.get(kk) == vv for kk, vv in setting.items())
-                )
-            ] + [r]
-            doc["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-            doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(doc, indent=1) + "\n")
+    rows = [(kind, c, w) for kind in a.endpoints for w in (a.write_shares if kind == "text" else [0.0])
+            for c in a.concurrency]
+    warm: set[str] = set()
+    for kind, c, w in rows:
+        if kind not in warm:
+            load(url, kind, 1, min(3.0, a.duration), texts if kind == "text" else images)  # warm-up
+            warm.add(kind)
+        r = load(url, kind, c, a.duration, texts if kind == "text" else images, write_share=w)
+        r.update(setting)
+        r["note"] = a.note
+        r["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        r["quiet"] = _quiet.finish(quiet)
+        print(json.dumps(r), flush=True)
+        doc["results"] = [
+            x
+            for x in doc["results"]
+            if not (
+                x.get("endpoint") == r["endpoint"]
+                and x.get("concurrency") == c
+                and x.get("write_share", 0.0) == w
+                and all(x.get(kk) == vv for kk, vv in setting.items())
+            )
+        ] + [r]
+        doc["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+        doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
     if not a.url:
         from ray import serve
 

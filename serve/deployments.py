@@ -9,12 +9,13 @@ The FastAPI apps are built per replica by ``__serve_build_asgi_app__`` (Serve 2.
 late-bound ingress), so routes close over the replica's handles and the Gradio Blocks object is created inside
 the replica (Gradio objects do not pickle, and Ray's own ``GradioServer`` is broken with Gradio 6).
 
-Topology (``serve/app.py`` binds it)::
+Topologies (``serve/app.py`` binds one; ``ServeConfig.topology``)::
 
-    HTTP ─▶ SearchAPI (FastAPI, autoscaled) ─┬─▶ TextEncoder   (@serve.batch, autoscaled)
-                                             ├─▶ ImageEncoder  (@serve.batch, autoscaled)
-                                             └─▶ SearchIndex   (1 replica with an embedded store)
-    HTTP ─▶ GradioUI (1 replica: Gradio's queue is per process) ─▶ SearchAPI's search methods (same code path)
+    graph:      HTTP ─▶ SearchAPI (FastAPI, autoscaled) ─┬─▶ TextEncoder   (@serve.batch, autoscaled)
+                                                         ├─▶ ImageEncoder  (@serve.batch, autoscaled)
+                                                         └─▶ SearchIndex   (1 replica with an embedded store)
+    colocated:  HTTP ─▶ SearchAPI (FastAPI + one Encoder + the embedded index in its process: serve/local.py)
+    both:       HTTP ─▶ GradioUI (1 replica: Gradio's queue is per process) ─▶ SearchAPI's search methods
 
 Photos cross Ray as the uploaded bytes: the ingress reads only the header (format and size: 413 / 415 come
 from the API), the ImageEncoder replica decodes next to the model, a bounded number at a time
@@ -385,7 +386,26 @@ class SearchService:
 )
 @serve.ingress()
 class SearchAPI(SearchService):
-    """FastAPI ingress over :class:`SearchService` (the app is built per replica)."""
+    """FastAPI ingress over :class:`SearchService` (the app is built per replica).
+
+    Bound over three deployment handles (the graph topology), or with ``colocated`` (the keyword arguments of
+    :func:`tnlbt.serve.local.colocated_parts`) and ``None`` for the three: then the encoders and the embedded
+    index live in this replica's process (:mod:`tnlbt.serve.local`, and ``serve/app.py``'s ``topology``)."""
+
+    def __init__(self, text_encoder: Any, image_encoder: Any, index: Any, *,
+                 colocated: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if colocated is not None:
+            from tnlbt.serve.local import colocated_parts
+
+            text_encoder, image_encoder, index = colocated_parts(**colocated)
+        self.colocated = colocated is not None
+        super().__init__(text_encoder, image_encoder, index, **kwargs)
+
+    async def set_fault(self, down: bool = False, delay_s: float = 0.0) -> None:
+        """:meth:`SearchIndex.set_fault` of a colocated index (the ops drill / test hook; handles only, no route)."""
+        if not self.colocated:
+            raise RuntimeError("set_fault: the index is its own deployment here (SearchIndex)")
+        await self.index.set_fault.remote(down=down, delay_s=delay_s)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_api_app(self)

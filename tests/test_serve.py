@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -17,12 +18,12 @@ import yaml
 from conftest import free_port
 from test_api_hostile import _encoded, _png_bomb
 from test_search import COLOURS, _jpeg, build_tiny_index, make_tiny_run
-from tnlbt.serve.app import patient_serve_env
+from tnlbt.serve.app import serve_env
 
 # Set at collection, before the session's ray.init (the proxy reads them when it starts): on a busy 2-core box the
 # HTTP proxy can take longer than Serve's 5 s readiness check to start, and Serve then kills and restarts it in a
 # loop; and the proxy middleware that answers 503 for a replica that died under a request.
-patient_serve_env()
+serve_env()
 
 REPO = Path(__file__).resolve().parent.parent
 UPLOAD_LIMIT = 200_000
@@ -49,15 +50,26 @@ def test_config_yaml_matches_ray_schema_and_builders():
 
 
 @pytest.fixture(scope="module")
-def api(ray_session, tmp_path_factory):
+def serve_port(ray_session):
+    """One HTTP port for the module: Serve keeps the proxy's options of its first ``serve.start``."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    return port
+
+
+@pytest.fixture(scope="module", params=["colocated", "graph"])
+def api(request, serve_port, tmp_path_factory):
+    """The API (and the UI) in each topology (serve/local.py): every test below runs against both."""
     from ray import serve
     from tnlbt.serve.app import build_app, build_ui_app, wait_ready
 
-    root = tmp_path_factory.mktemp("serve")
+    topology = request.param
+    root = tmp_path_factory.mktemp(f"serve-{topology}")
     run = make_tiny_run(root)
     meta = build_tiny_index(run)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    port = serve_port
     keys = root / "api-keys"
     keys.write_text(f"# write keys\n{WRITE_KEY}\n")
     args = {
@@ -69,6 +81,7 @@ def api(ray_session, tmp_path_factory):
         "request_timeout_s": TIMEOUT_S,
         "text_batch": 4,
         "image_batch": 4,
+        "topology": topology,
     }
     serve.run(build_app(args), name="api", route_prefix="/", blocking=False)
     serve.run(
@@ -310,7 +323,7 @@ def test_live_writes_through_serve(api):
 
 def test_a_replica_that_dies_under_a_request_is_503(api):
     """Serve's proxy answers an empty 500 when the replica dies under the request; the proxy middleware
-    (``patient_serve_env``) makes it 503 with Retry-After."""
+    (``serve_env``) makes it 503 with Retry-After."""
     from ray import serve
 
     base, _, _ = api
@@ -335,12 +348,33 @@ def test_a_replica_that_dies_under_a_request_is_503(api):
         serve.delete("doomed")
 
 
-def test_store_down_is_503_with_retry_after_then_recovers(api):
+def _set_fault(**fault) -> None:
+    """``set_fault`` of the index: on its own deployment (graph) or on the API replica that holds it (colocated;
+    the deployments running say which). Inside an event loop: with RAY_SERVE_THROUGHPUT_OPTIMIZED (serve_env) a
+    handle's router runs on the caller's loop, so a plain ``.result()`` from this thread is refused."""
+    import asyncio
+
     from ray import serve
 
+    global _FAULT_LOOP
+    colocated = set(serve.status().applications["api"].deployments) == {"SearchAPI"}
+
+    async def call() -> None:
+        h = serve.get_deployment_handle("SearchAPI" if colocated else "SearchIndex", app_name="api")
+        await asyncio.wait_for(h.set_fault.remote(**fault), 60)
+
+    if _FAULT_LOOP is None:  # one loop for the module: a handle stays bound to the loop it was first used on
+        _FAULT_LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_FAULT_LOOP.run_forever, daemon=True).start()
+    asyncio.run_coroutine_threadsafe(call(), _FAULT_LOOP).result(90)
+
+
+_FAULT_LOOP = None
+
+
+def test_store_down_is_503_with_retry_after_then_recovers(api):
     base, _, _ = api
-    idx = serve.get_deployment_handle("SearchIndex", app_name="api")
-    idx.set_fault.remote(down=True).result(timeout_s=30)
+    _set_fault(down=True)
     try:
         r = _post(base, "/v1/search/text", json={"title": "cake", "k": 3})
         assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0, r.text
@@ -348,16 +382,13 @@ def test_store_down_is_503_with_retry_after_then_recovers(api):
         assert requests.get(base + "/v1/recipes/rec001", timeout=30).status_code == 503
         assert requests.get(base + "/healthz", timeout=30).status_code == 200  # alive, not ready
     finally:
-        idx.set_fault.remote().result(timeout_s=30)
+        _set_fault()
     assert _post(base, "/v1/search/text", json={"title": "cake", "k": 3}).status_code == 200
 
 
 def test_slow_backend_times_out_instead_of_hanging(api):
-    from ray import serve
-
     base, _, _ = api
-    idx = serve.get_deployment_handle("SearchIndex", app_name="api")
-    idx.set_fault.remote(delay_s=TIMEOUT_S + 4).result(timeout_s=30)
+    _set_fault(delay_s=TIMEOUT_S + 4)
     try:
         t = time.perf_counter()
         r = _post(base, "/v1/search/text", json={"title": "cake", "k": 3})
@@ -365,7 +396,7 @@ def test_slow_backend_times_out_instead_of_hanging(api):
         assert r.status_code == 504, r.text
         assert took < TIMEOUT_S + 3
     finally:
-        idx.set_fault.remote().result(timeout_s=60)
+        _set_fault()
     time.sleep(TIMEOUT_S + 4)  # let the delayed call drain before the next test
 
 
@@ -394,7 +425,7 @@ def test_encoder_replicas_ask_for_gpus_when_told(monkeypatch, gpus, device):
 
     monkeypatch.setattr(runs, "read_index_meta", lambda run: {})
     monkeypatch.setattr(runs, "index_checkpoint", lambda run, meta: "/ckpt")
-    app = build_app({"run": "/some/run", "gpus": gpus})
+    app = build_app({"run": "/some/run", "gpus": gpus, "topology": "graph"})
     api = app._bound_deployment
     bound = [a._bound_deployment for a in (*api.init_args, *api.init_kwargs.values())
              if hasattr(a, "_bound_deployment")]
@@ -404,3 +435,33 @@ def test_encoder_replicas_ask_for_gpus_when_told(monkeypatch, gpus, device):
         assert by_name[name].ray_actor_options.get("num_gpus", 0) == gpus
     assert "num_gpus" not in by_name["SearchIndex"].ray_actor_options
     assert "num_gpus" not in api.ray_actor_options
+
+
+@pytest.mark.parametrize(("args", "colocated"), [
+    ({}, True),  # auto + an embedded store: one process holds it all
+    ({"qdrant_url": "http://qdrant:6333"}, False),  # auto + a server: every part its own deployment
+    ({"qdrant_url": "http://qdrant:6333", "topology": "colocated"}, True),
+    ({"topology": "graph"}, False),
+])
+def test_topology_auto_follows_the_store(monkeypatch, args, colocated):
+    """``topology: auto`` is colocated with an embedded store and a graph with a Qdrant server; colocated binds
+    the API alone (no handles), with the model's GPU share and one replica unless the store is a server."""
+    from tnlbt.serve.app import build_app
+
+    import tnlbt.runs as runs
+
+    monkeypatch.setattr(runs, "read_index_meta", lambda run: {})
+    monkeypatch.setattr(runs, "index_checkpoint", lambda run, meta: "/ckpt")
+    api = build_app({"run": "/some/run", "gpus": 0.5, **args})._bound_deployment
+    handles = [a for a in (*api.init_args, *api.init_kwargs.values()) if hasattr(a, "_bound_deployment")]
+    assert api.name == "SearchAPI"
+    if not colocated:
+        assert len(handles) == 3 and "colocated" not in api.init_kwargs
+        return
+    assert handles == [] and api.init_args == (None, None, None)
+    parts = api.init_kwargs["colocated"]
+    assert parts["checkpoint_dir"] == "/ckpt" and parts["device"] == "cuda" and parts["run"] == "/some/run"
+    assert api.ray_actor_options["num_gpus"] == 0.5
+    embedded = "qdrant_url" not in args
+    assert (api._deployment_config.autoscaling_config is None) == embedded  # an embedded store: exactly 1
+    assert api.num_replicas == 1 or not embedded

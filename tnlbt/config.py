@@ -524,6 +524,10 @@ class ServeConfig:
     api_keys_file: str = ""
     examples: int = 4  # test-split examples shown in the UI
     hybrid: bool = HYBRID_DEFAULT  # text searches that do not say: hybrid or dense ranking
+    # graph: encoders and index are deployments of their own (each scales out on a cluster); colocated: both
+    # encoders and the embedded index inside the API replica (no actor hops; serve/local.py); auto: colocated
+    # with an embedded store (its index is one replica on one node anyway), graph with a Qdrant server.
+    topology: Literal["auto", "colocated", "graph"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.cpus >= 0 and self.gpus >= 0, "serve.cpus", "cpus and gpus must be >= 0")
@@ -543,6 +547,11 @@ class ServeConfig:
         if store:
             data["store"] = store
         return load_section(cls, data, overrides or [], "serve")
+
+    @property
+    def colocated(self) -> bool:
+        """Whether ``topology`` (``auto`` resolved by the store) puts the encoders and index in the API replica."""
+        return self.topology == "colocated" or (self.topology == "auto" and not self.store.url)
 
     def to_args(self) -> dict[str, Any]:
         """The flat ``args`` form that :meth:`from_args` reads (what crosses to the Serve builders)."""
