@@ -374,14 +374,15 @@ def serve_env(proxy: str | None = None) -> None:
 
 
 def serve_until_interrupted(
-    app_args: dict[str, Any] | ServeConfig, host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 120.0
+    app_args: dict[str, Any] | ServeConfig, host: str = "127.0.0.1", port: int = 8000, ready_timeout_s: float = 120.0,
+    proxy: str | None = None,
 ) -> int:
     """Start Ray (if needed), the API and the UI; print the URLs and serve until SIGTERM or Ctrl-C, then stop
     accepting, let in-flight requests finish, shut Serve and Ray down and return 0."""
     import ray
     from ray import serve
 
-    serve_env()
+    serve_env(proxy)
     from tnlbt.ray_init import ensure_ray
 
     # Locally at least 4 logical CPUs: the app's five deployments must all be scheduled on a 2-core laptop.
@@ -416,5 +417,6 @@ def cli_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"run directory not found: {args.run}")
     cfg = ServeConfig.from_args({"run": str(args.run), "qdrant_url": args.qdrant_url, "qdrant_path": args.qdrant_path,
                                  "gpus": args.gpus, "index_settings": list(args.index_setting or []),
-                                 "hybrid": getattr(args, "hybrid", None)})  # None: the measured default
-    return serve_until_interrupted(cfg, host=args.host, port=args.port)
+                                 "hybrid": getattr(args, "hybrid", None),  # None: the measured default
+                                 "topology": getattr(args, "topology", None)})
+    return serve_until_interrupted(cfg, host=args.host, port=args.port, proxy=getattr(args, "proxy", None))

@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU share per encoder replica (0 = CPU; 0.5 = text and image encoder on one GPU)")
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
                    help="default ranking of text searches that do not say: hybrid (default) or --no-hybrid (dense)")
+    p.add_argument("--topology", choices=["auto", "colocated", "graph"], default=None,
+                   help="auto (default): encoders + index inside the API replica with an embedded store, "
+                        "separate deployments with a Qdrant server")
+    p.add_argument("--proxy", choices=["python", "haproxy"], default=None,
+                   help="Serve's HTTP proxy (default TNLBT_SERVE_PROXY, else python); README 'Capacity'")
     _add_index_setting_arg(p)
 
     p = sub.add_parser("demo", help="the whole chain on a laptop: synth -> ... -> serve",
