@@ -125,9 +125,14 @@ def _val_curve(run: Path) -> list[dict[str, Any]]:
 
 
 def _test_summary(run: Path) -> dict[str, Any]:
-    m = json.loads((run / "metrics_test.json").read_text())["1k"]
-    return {d: {k: m[d][k]["mean"] for k in METRICS} for d in DIRECTIONS} | {
+    doc = json.loads((run / "metrics_test.json").read_text())
+    m = doc["1k"]
+    out = {d: {k: m[d][k]["mean"] for k in METRICS} for d in DIRECTIONS} | {
         "bag_std": {d: {k: m[d][k]["std"] for k in METRICS} for d in DIRECTIONS}}
+    if doc.get("query_forms"):  # tnlbt eval's per-query-form metrics (title only, ingredients only, ...), 1k bags
+        out["query_forms"] = {f: {d: {k: fm["1k"][d][k]["mean"] for k in METRICS} for d in DIRECTIONS}
+                              for f, fm in doc["query_forms"].items()}
+    return out
 
 
 def run_one(setting: str, seed: int, data: Path, runs_dir: Path, epochs: int, extra: list[str]) -> dict[str, Any]:
@@ -184,7 +189,21 @@ def collect(runs_dir: Path, settings: list[str], seeds: list[int]) -> dict[str, 
         paired[s] = {"seeds": common} | {
             d: {k: interval([by[s][x]["test"][d][k] - by[BASE][x]["test"][d][k] for x in common])
                 for k in METRICS} for d in DIRECTIONS}
-    return {"runs": runs, "summary": summary, "paired_vs_full": paired}
+    forms: dict[str, Any] = {}  # per setting and query form: intervals over seeds, and paired against full's form
+    for s in by:
+        seeds = [x for x in sorted(by[s]) if "query_forms" in by[s][x]["test"]]
+        if not seeds:
+            continue
+        names = by[s][seeds[0]]["test"]["query_forms"]
+        base = [x for x in seeds if "query_forms" in by.get(BASE, {}).get(x, {}).get("test", {})]
+        forms[s] = {f: {d: {k: interval([by[s][x]["test"]["query_forms"][f][d][k] for x in seeds])
+                            for k in METRICS} for d in DIRECTIONS} for f in names}
+        if s != BASE and base:
+            for f in names:
+                forms[s][f]["paired_vs_full"] = {d: {k: interval(
+                    [by[s][x]["test"]["query_forms"][f][d][k] - by[BASE][x]["test"]["query_forms"][f][d][k]
+                     for x in base]) for k in METRICS} for d in DIRECTIONS}
+    return {"runs": runs, "summary": summary, "paired_vs_full": paired, "query_forms": forms}
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

@@ -111,7 +111,10 @@ def test_study_statistics_pair_seeds_and_draw(tmp_path, monkeypatch):
         run.mkdir(parents=True)
         res = {d: {k: {"mean": m if k == "medR" else 1 / m, "std": 0.1} for k in study.METRICS}
                for d in study.DIRECTIONS}
-        (run / "metrics_test.json").write_text(json.dumps({"1k": res}))
+        title = {d: {k: {"mean": 2 * m if k == "medR" else 0.5 / m, "std": 0.1} for k in study.METRICS}
+                 for d in study.DIRECTIONS}  # a title-only query: twice the medR of the whole recipe
+        (run / "metrics_test.json").write_text(json.dumps({"1k": res, "query_forms": {
+            "full": {"1k": res}, "title": {"1k": title}}}))
         (run / "study_run.json").write_text(json.dumps({"train_wall_s": 60.0, "commands": ["x"]}))
         (run / "metrics.jsonl").write_text("\n".join(json.dumps({"kind": "val", "epoch": e, "val/R@1": 0.01 * e,
                                                                  "val/medR": 50 - e}) for e in range(3)))
@@ -122,6 +125,10 @@ def test_study_statistics_pair_seeds_and_draw(tmp_path, monkeypatch):
     assert diff["values"] == [2.0, 3.0, 1.0] and diff["mean"] == 2.0  # per seed, not of the means' spread
     assert abs(diff["ci95"] - 4.303 * 1.0 / 3 ** 0.5) < 1e-9
     assert res["runs"]["full/s2"]["best_val_epoch"] == 2
+    forms = res["query_forms"]
+    assert forms["full"]["title"]["recipe_to_image"]["medR"]["mean"] == 50.0
+    assert "paired_vs_full" not in forms["full"]["title"]
+    assert forms["no_critic"]["title"]["paired_vs_full"]["image_to_recipe"]["medR"]["values"] == [4.0, 6.0, 2.0]
     res["budget"] = {"dataset": "toy", "epochs": 3, "seeds": [1, 2, 3]}
     study.plot(res, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 10_000
