@@ -20,7 +20,8 @@ Sections:
            grows.
   decode   JPEG decode + train augmentation per image (needs --data)
   workers  samples/s of Ray Train with 1 worker x 2 threads and 2 workers x 1 thread (equal cores) on the same
-           data and preset (rank-0 log records, first record dropped as warm-up)
+           data and preset (rank-0 log records, first record dropped as warm-up); the 2 workers with the
+           preset's rows each (twice the global batch) and with the global batch split in two
   demo     demo_cpu end to end on a processed folder: wall time of `fit`, then test-split 1k-bag metrics of the
            best checkpoint (image->recipe and recipe->image)
 
@@ -651,9 +652,13 @@ def workers(data: str, preset: str, steps: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {"preset": preset, "steps": steps}
     tmp = Path(tempfile.mkdtemp(prefix="tnlbt_bench_"))
-    for n in (1, 2):
-        cfg = Config.load(preset, [f"train.runs_dir={tmp}", f"train.run_name=w{n}",
-                                   f"scaling.num_workers={n}", "train.epochs=1",
+    per_worker = Config.load(preset).train.batch_size
+    # workers_2: each worker keeps the preset's rows (twice the global batch); workers_2_equal_global: the same
+    # global batch split in two (what a user switching a preset from 1 worker to 2 would run)
+    for name, n, rows in (("workers_1", 1, per_worker), ("workers_2", 2, per_worker),
+                          ("workers_2_equal_global", 2, per_worker // 2)):
+        cfg = Config.load(preset, [f"train.runs_dir={tmp}", f"train.run_name={name}",
+                                   f"scaling.num_workers={n}", f"train.batch_size={rows}", "train.epochs=1",
                                    f"train.max_steps_per_epoch={steps}", "train.log_every=2",
                                    "train.val_max_rows=64", "train.val_bag_size=64", "train.val_bags=1",
                                    # equal cores: one worker gets both threads (threads = its CPU share)
@@ -661,12 +666,15 @@ def workers(data: str, preset: str, steps: int) -> dict[str, Any]:
         t = time.perf_counter()
         fit(cfg, data)
         wall = time.perf_counter() - t
-        recs = [r for r in _records(tmp / f"w{n}") if r["kind"] == "train"][1:]
+        recs = [r for r in _records(tmp / name) if r["kind"] == "train"][1:]
         sps = [r["samples_per_s"] for r in recs]
-        out[f"workers_{n}"] = {"samples_per_s": sum(sps) / len(sps) if sps else None, "fit_wall_s": wall,
-                               "global_batch": cfg.train.batch_size * n * cfg.scaling.cache_steps}
-    a, b = out["workers_1"]["samples_per_s"], out["workers_2"]["samples_per_s"]
-    out["speedup_2_over_1"] = b / a if a and b else None
+        out[name] = {"samples_per_s": sum(sps) / len(sps) if sps else None, "fit_wall_s": wall,
+                     "global_batch": cfg.train.batch_size * n * cfg.scaling.cache_steps}
+    a = out["workers_1"]["samples_per_s"]
+    for name in ("workers_2", "workers_2_equal_global"):
+        b = out[name]["samples_per_s"]
+        out[f"speedup_{name}_over_1"] = b / a if a and b else None
+    out["speedup_2_over_1"] = out["speedup_workers_2_over_1"]
     return out
 
 
