@@ -309,19 +309,23 @@ def run_local(
     return urls
 
 
-def wait_ready(base_url: str, timeout_s: float = 120.0, stop: threading.Event | None = None) -> bool:
-    """Poll ``/readyz`` until it answers 200 (True), the time is up or ``stop`` is set (False)."""
+def wait_ready(base_url: str, timeout_s: float = 120.0, stop: threading.Event | None = None,
+               paths: tuple[str, ...] = ("/readyz",)) -> bool:
+    """Poll each of ``paths`` in turn until it answers 200 (True), the time is up or ``stop`` is set (False)."""
     import urllib.request
 
     deadline = time.time() + timeout_s
-    while time.time() < deadline and not (stop and stop.is_set()):
+    todo = list(paths)
+    while todo and time.time() < deadline and not (stop and stop.is_set()):
         try:
-            with urllib.request.urlopen(f"{base_url.rstrip('/')}/readyz", timeout=5) as r:
+            with urllib.request.urlopen(f"{base_url.rstrip('/')}{todo[0]}", timeout=5) as r:
                 if r.status == 200:
-                    return True
+                    todo.pop(0)
+                    continue
         except Exception:
-            time.sleep(1.0)
-    return False
+            pass
+        time.sleep(1.0)
+    return not todo
 
 
 def stop_on_signals() -> threading.Event:
@@ -392,7 +396,9 @@ def serve_until_interrupted(
     try:
         print("[serve] starting the API and the UI on Ray Serve ...", flush=True)
         urls = run_local(app_args, host=host, port=port)
-        ok = wait_ready(f"http://{host}:{port}", timeout_s=ready_timeout_s, stop=stop)
+        # the UI application comes up a few seconds after the API: "ready" means both answer (a fresh
+        # `make demo` printed its URLs while /ui/ was still a 404)
+        ok = wait_ready(f"http://{host}:{port}", timeout_s=ready_timeout_s, stop=stop, paths=("/readyz", "/ui/"))
         if not stop.is_set():
             print("ready:" if ok else "started, but /readyz is not 200 yet (see `serve status`):", flush=True)
             for name, url in urls.items():

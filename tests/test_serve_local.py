@@ -144,3 +144,34 @@ def test_colocated_parts_match_the_encoder_and_the_index_called_directly(tiny):
     np.testing.assert_allclose(pvec, pwant, rtol=1e-5, atol=1e-6)
     assert [h["image_id"] for h in hits] == ref_hits and [h["id"] for h in recs] == ref_recs
     assert ready == {"recipes": 24, "photos": 36} and dim == len(want)
+
+
+def test_wait_ready_waits_for_every_path_in_turn():
+    """``tnlbt serve`` says "ready" only when the API and the UI both answer: a path that keeps failing makes
+    it False at the deadline, and one that comes up late is waited for."""
+    import http.server
+
+    from tnlbt.serve.app import wait_ready
+
+    up_at = [float("inf")]  # /ui/ answers 404 until then, as the UI application does after the API's start
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path == "/readyz" or (self.path == "/ui/" and time.monotonic() > up_at[0])
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+
+        def log_message(self, *_a) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert not wait_ready(base, timeout_s=2.5, paths=("/readyz", "/ui/"))
+        up_at[0] = time.monotonic() + 1.5
+        t = time.perf_counter()
+        assert wait_ready(base, timeout_s=10, paths=("/readyz", "/ui/"))
+        assert time.perf_counter() - t >= 0.5  # it did wait for the late one
+    finally:
+        srv.shutdown()
