@@ -356,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
         r = load(url, kind, c, a.duration, texts if kind == "text" else images, write_share=w)
         r.update(setting)
         r["note"] = a.note
-        r["load_avg_1m"] = round(os.getloadavg()[0], 2)
         r["quiet"] = _quiet.finish(quiet)
         print(json.dumps(r), flush=True)
         doc["results"] = [

@@ -674,7 +674,6 @@ def workers(data: str, preset: str, steps: int) -> dict[str, Any]:
     for name in ("workers_2", "workers_2_equal_global"):
         b = out[name]["samples_per_s"]
         out[f"speedup_{name}_over_1"] = b / a if a and b else None
-    out["speedup_2_over_1"] = out["speedup_workers_2_over_1"]
     return out
 
 
