@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_quiet.py: the
 
 import _quiet
 
+from tnlbt.config import SERVE_PROXIES, SERVE_TOPOLOGIES
+
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
 WORDS = [
     *[
@@ -292,13 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="")
     p.add_argument("--index-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="index settings of the bench index (tnlbt/index/store.py IndexSettings); repeatable")
-    p.add_argument("--topology", default="auto", choices=["auto", "colocated", "graph"],
+    p.add_argument("--topology", default="auto", choices=SERVE_TOPOLOGIES,
                    help="serve.topology of the bench app (serve/local.py)")
     p.add_argument("--write-shares", type=float, nargs="+", default=[0.0, 0.1],
                    help="share of requests that are writes (PUT /v1/recipes/ID), one row each (text endpoint)")
     p.add_argument("--serve-mode", default="throughput", choices=["default", "throughput"],
                    help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (throughput, what tnlbt serve sets) or 0 for this Ray")
-    p.add_argument("--proxy", default="python", choices=["python", "haproxy"], help="serve_env's proxy")
+    p.add_argument("--proxy", default="python", choices=SERVE_PROXIES, help="serve_env's proxy")
     _quiet.add_arguments(p)
     a = p.parse_args(argv)
     quiet = _quiet.from_args(a, "bench/serve.py")

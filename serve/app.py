@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tnlbt.config import ServeConfig
+from tnlbt.config import SERVE_PROXIES, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +341,6 @@ def stop_on_signals() -> threading.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
     return stop
-
-
-SERVE_PROXIES = ("python", "haproxy")
 
 
 def serve_env(proxy: str | None = None) -> None:

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from tnlbt.config import ConfigError
+from tnlbt.config import SERVE_PROXIES, SERVE_TOPOLOGIES, ConfigError
 
 # subcommand -> "module:function"; each function takes the parsed argparse.Namespace and returns an exit code.
 COMMANDS = {
@@ -174,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU share per encoder replica (0 = CPU; 0.5 = text and image encoder on one GPU)")
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=None,
                    help="default ranking of text searches that do not say: hybrid (default) or --no-hybrid (dense)")
-    p.add_argument("--topology", choices=["auto", "colocated", "graph"], default=None,
+    p.add_argument("--topology", choices=SERVE_TOPOLOGIES, default=None,
                    help="auto (default): encoders + index inside the API replica with an embedded store, "
                         "separate deployments with a Qdrant server")
-    p.add_argument("--proxy", choices=["python", "haproxy"], default=None,
+    p.add_argument("--proxy", choices=SERVE_PROXIES, default=None,
                    help="Serve's HTTP proxy (default TNLBT_SERVE_PROXY, else python); README 'Capacity'")
     _add_index_setting_arg(p)
 

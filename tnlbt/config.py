@@ -500,6 +500,15 @@ _SERVE_ARGS_STORE = {"store": "kind", "qdrant_url": "url", "qdrant_path": "path"
 HYBRID_DEFAULT = True
 
 
+# graph: encoders and index are deployments of their own (each scales out on a cluster); colocated: both
+# encoders and the embedded index inside the API replica (no actor hops; serve/local.py); auto: colocated
+# with an embedded store (its index is one replica on one node anyway), graph with a Qdrant server.
+ServeTopology = Literal["auto", "colocated", "graph"]
+SERVE_TOPOLOGIES: tuple[str, ...] = typing.get_args(ServeTopology)
+# Serve's HTTP proxy (tnlbt.serve.app.serve_env): its Python proxy, or the bundled HAProxy (direct ingress)
+SERVE_PROXIES: tuple[str, ...] = ("python", "haproxy")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """``tnlbt serve`` and the Serve builders (``serve/config.yaml``'s ``args``): one typed section."""
@@ -524,10 +533,7 @@ class ServeConfig:
     api_keys_file: str = ""
     examples: int = 4  # test-split examples shown in the UI
     hybrid: bool = HYBRID_DEFAULT  # text searches that do not say: hybrid or dense ranking
-    # graph: encoders and index are deployments of their own (each scales out on a cluster); colocated: both
-    # encoders and the embedded index inside the API replica (no actor hops; serve/local.py); auto: colocated
-    # with an embedded store (its index is one replica on one node anyway), graph with a Qdrant server.
-    topology: Literal["auto", "colocated", "graph"] = "auto"
+    topology: ServeTopology = "auto"  # SERVE_TOPOLOGIES above
 
     def __post_init__(self) -> None:
         _check(self.cpus >= 0 and self.gpus >= 0, "serve.cpus", "cpus and gpus must be >= 0")
