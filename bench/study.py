@@ -4,13 +4,13 @@ A grid of settings x seeds on one processed dataset. Every run trains with the s
 that budget), the best checkpoint is chosen on val (``best`` = highest val R@1), then ``tnlbt eval --split test``
 (1k bags x ``eval.n_bags``). Settings (``--settings``, default all):
 
-  full                 demo_cpu: every TNLBT term on, global batch 192
-  ht_baseline          H-T's loss, fixed margin, recipe SSL, no extras, global batch 32 (configs/ht_baseline.yaml)
+  full                 demo_cpu: every TNLBT term on, global batch 64 (the first grid, bench/results/study.json: 192)
+  ht_baseline          H-T's loss, fixed margin, recipe SSL, no extras, global batch 10 (configs/ht_baseline.yaml)
   no_dynamic_margin    constant margin 0.3         no_cross_decoder   Cross Decoder (ITM) off
   no_translation       generator + image critic off
   no_critic            modality critic off         no_recipe_ssl      recipe self-supervision off
-  small_batch_epochs   global batch 32, equal epochs (6x the optimiser steps)
-  small_batch_steps    global batch 32, equal optimiser steps (train.max_steps_per_epoch = full's steps)
+  small_batch_epochs   global batch 10, equal epochs (6x the optimiser steps)
+  small_batch_steps    global batch 10, equal optimiser steps (train.max_steps_per_epoch = full's steps)
   partial_aug          full + partial-recipe augmentation (train.partial_recipes)
 
 Why in one process (``tnlbt train --no-ray``): the same training loop as under Ray Train, but its data order is a
