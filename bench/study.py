@@ -203,7 +203,22 @@ def collect(runs_dir: Path, settings: list[str], seeds: list[int]) -> dict[str, 
                 forms[s][f]["paired_vs_full"] = {d: {k: interval(
                     [by[s][x]["test"]["query_forms"][f][d][k] - by[BASE][x]["test"]["query_forms"][f][d][k]
                      for x in base]) for k in METRICS} for d in DIRECTIONS}
-    return {"runs": runs, "summary": summary, "paired_vs_full": paired, "query_forms": forms}
+    return {"runs": runs, "summary": summary, "paired_vs_full": paired, "query_forms": forms,
+            "val_tail": {s: val_tail([by[s][x]["val_curve"] for x in sorted(by[s])]) for s in by}}
+
+
+def val_tail(curves: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Has the val curve flattened? Over seeds: val R@1 gained in the last fifth of the epochs (at least one),
+    and that gain as a share of the whole run's gain (first to last epoch). Near 0: flat; near 1: still rising."""
+    curves = [c for c in curves if len(c) >= 2]
+    if not curves:
+        return {}
+    n = min(len(c) for c in curves)
+    k = max(1, n // 5)
+    late = [c[n - 1]["R@1"] - c[n - 1 - k]["R@1"] for c in curves]
+    total = [c[n - 1]["R@1"] - c[0]["R@1"] for c in curves]
+    shares = [a / b for a, b in zip(late, total, strict=True) if b > 0]
+    return {"last_epochs": k, "late_gain_R@1": interval(late), "late_share": interval(shares) if shares else None}
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

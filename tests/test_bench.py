@@ -125,6 +125,9 @@ def test_study_statistics_pair_seeds_and_draw(tmp_path, monkeypatch):
     assert diff["values"] == [2.0, 3.0, 1.0] and diff["mean"] == 2.0  # per seed, not of the means' spread
     assert abs(diff["ci95"] - 4.303 * 1.0 / 3 ** 0.5) < 1e-9
     assert res["runs"]["full/s2"]["best_val_epoch"] == 2
+    tail = res["val_tail"]["full"]  # 3 epochs: the last one gained 0.01 of the run's 0.02
+    assert tail["last_epochs"] == 1 and abs(tail["late_gain_R@1"]["mean"] - 0.01) < 1e-12
+    assert abs(tail["late_share"]["mean"] - 0.5) < 1e-12
     forms = res["query_forms"]
     assert forms["full"]["title"]["recipe_to_image"]["medR"]["mean"] == 50.0
     assert "paired_vs_full" not in forms["full"]["title"]
