@@ -18,8 +18,8 @@ Padding rules (where H-T's ``mask[:, 0]`` trick is made exact):
   positions, so the padding of short lines (half of the ingredient tokens of a batch) is not computed. Same
   maths per line as the padded batch, up to float summation order. In eval mode a packing encoder packs only
   where PyTorch's nested-tensor fast path (which skips padding by itself) cannot run: under CPU autocast, i.e.
-  the bf16 validation of every training epoch (1.5x faster there); fp32 and CUDA evaluation and inference keep
-  the padded path.
+  the bf16 validation of every training epoch, which otherwise computes every pad token; fp32 and CUDA
+  evaluation and inference keep the padded path.
 """
 
 from __future__ import annotations
