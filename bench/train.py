@@ -19,13 +19,15 @@ Sections:
            Without the cache the batch is one micro-batch; with it the micro-batch stays at --micro and K
            grows.
   decode   JPEG decode + train augmentation per image (needs --data)
+  validate the epoch-end validation of the preset's model (needs --data): packed against padded recipe lines
+           in eval, interleaved rounds, medians; collate seconds; the two paths' embedding difference
   workers  samples/s of Ray Train with 1 worker x 2 threads and 2 workers x 1 thread (equal cores) on the same
            data and preset (rank-0 log records, first record dropped as warm-up); the 2 workers with the
            preset's rows each (twice the global batch) and with the global batch split in two
   demo     demo_cpu end to end on a processed folder: wall time of `fit`, then test-split 1k-bag metrics of the
            best checkpoint (image->recipe and recipe->image)
 
-Usage: python bench/train.py [--only step,peak,memory,decode,workers,demo] [--preset demo_cpu]
+Usage: python bench/train.py [--only step,peak,memory,decode,validate,workers,demo] [--preset demo_cpu]
        [--baseline OLD_TREE] [--data PROCESSED] [--wait-quiet 600]
 e.g. the step against today's main:  mkdir /tmp/base && git archive main | tar -x -C /tmp/base &&
        python bench/train.py --only step --baseline /tmp/base
@@ -639,6 +641,63 @@ def decode(data: str, preset: str, n: int = 300) -> dict[str, Any]:
             "decoded_float32_bytes": dec, "bytes_expansion_if_decoded_upstream": dec / jpeg}
 
 
+# -- validate ------------------------------------------------------------------------------------------------
+def validate_bench(data: str, preset: str, rounds: int = 3) -> dict[str, Any]:
+    """The epoch-end validation (``tnlbt.train.validation.validate``: embed the val split, score bags) of the
+    preset's model at its training precision, with the recipe encoder packing its lines in eval (the default
+    since issue 10) against the padded path, interleaved rounds in this process, medians; also the seconds
+    spent collating (decode + eval transform), and how far the two paths' embeddings are apart."""
+    import functools
+
+    import numpy as np
+    import torch
+
+    from tnlbt.config import Config
+    from tnlbt.data.collate import collate
+    from tnlbt.models import create_model
+    from tnlbt.train.backend import LocalBackend
+    from tnlbt.train.precision import resolve_precision
+    from tnlbt.train.step import prepare_model
+    from tnlbt.train.validation import embed_rows, validate
+
+    cfg = Config.load(preset)
+    vocab = json.loads((Path(data) / "vocab.json").read_text())["tokens"]
+    n_ing = len(json.loads((Path(data) / "ingredients.json").read_text())["names"])
+    torch.manual_seed(0)
+    model = create_model(cfg, len(vocab), n_ing).train()
+    prepare_model(model, cfg, torch.device("cpu"))
+    amp = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    backend = LocalBackend(data, cfg.train.seed)
+    fn = functools.partial(collate, n_ingredients=n_ing, image_transform=model.image_transform(False))
+
+    def collate_fn(rows, train=False):
+        return fn(rows)
+
+    bs = max(cfg.train.batch_size, 64)
+    t = time.perf_counter()
+    n_val = sum(len(collate_fn(r)["title"]) for r in backend.val_batches(bs))
+    collate_s = time.perf_counter() - t
+    times: dict[str, list[float]] = {"packed": [], "padded": []}
+    for name in times:  # warm-up, untimed: the first pass of each path allocates and picks kernels
+        model.recipe_encoder.pack_lines = name == "packed"
+        validate(model, backend, cfg, collate_fn, amp)
+    for _ in range(rounds):
+        for name in times:
+            model.recipe_encoder.pack_lines = name == "packed"
+            t = time.perf_counter()
+            validate(model, backend, cfg, collate_fn, amp)
+            times[name].append(time.perf_counter() - t)
+    embs = {}
+    for name in times:
+        model.recipe_encoder.pack_lines = name == "packed"
+        embs[name] = embed_rows(model, backend.val_batches(bs), collate_fn, torch.device("cpu"), 0, amp)[1]
+    med = {k: _median(v) for k, v in times.items()}
+    return {"preset": preset, "precision": str(amp), "val_rows": n_val, "rounds": rounds,
+            "validate_s": times, "median_s": med, "padded_over_packed": med["padded"] / med["packed"],
+            "collate_s_once": round(collate_s, 3),
+            "recipe_emb_max_abs_diff": float(np.abs(embs["packed"] - embs["padded"]).max())}
+
+
 # -- workers / demo ------------------------------------------------------------------------------------------
 def _records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -754,6 +813,8 @@ def main() -> int:
         _save("memory", memory(a.preset, a.micro, a.budget_mib, a.max_global), quiet, a.out)
     if "decode" in only:
         _save("decode", decode(a.data, a.preset), quiet, a.out)
+    if "validate" in only:
+        _save("validate", validate_bench(a.data, a.preset, a.rounds), quiet, a.out)
     if "workers" in only:
         _save("workers", workers(a.data, a.preset, a.steps), quiet, a.out)
     if "demo" in only:
