@@ -647,8 +647,6 @@ def validate_bench(data: str, preset: str, rounds: int = 3) -> dict[str, Any]:
     preset's model at its training precision, with the recipe encoder packing its lines in eval (the default
     since issue 10) against the padded path, interleaved rounds in this process, medians; also the seconds
     spent collating (decode + eval transform), and how far the two paths' embeddings are apart."""
-    import functools
-
     import numpy as np
     import torch
 
@@ -668,10 +666,16 @@ def validate_bench(data: str, preset: str, rounds: int = 3) -> dict[str, Any]:
     prepare_model(model, cfg, torch.device("cpu"))
     amp = resolve_precision(cfg.train.precision, torch.device("cpu"))
     backend = LocalBackend(data, cfg.train.seed)
-    fn = functools.partial(collate, n_ingredients=n_ing, image_transform=model.image_transform(False))
+    tf = model.image_transform(False)
 
-    def collate_fn(rows, train=False):
-        return fn(rows)
+    def collate_fn(rows, train=False):  # the loop's collate in eval (train=False) mode
+        return collate(rows, n_ingredients=n_ing, image_transform=tf)
+
+    def run(name: str) -> float:
+        model.recipe_encoder.pack_lines = name == "packed"
+        t = time.perf_counter()
+        validate(model, backend, cfg, collate_fn, amp)
+        return time.perf_counter() - t
 
     bs = max(cfg.train.batch_size, 64)
     t = time.perf_counter()
@@ -679,16 +683,12 @@ def validate_bench(data: str, preset: str, rounds: int = 3) -> dict[str, Any]:
     collate_s = time.perf_counter() - t
     times: dict[str, list[float]] = {"packed": [], "padded": []}
     for name in times:  # warm-up, untimed: the first pass of each path allocates and picks kernels
-        model.recipe_encoder.pack_lines = name == "packed"
-        validate(model, backend, cfg, collate_fn, amp)
+        run(name)
     for _ in range(rounds):
         for name in times:
-            model.recipe_encoder.pack_lines = name == "packed"
-            t = time.perf_counter()
-            validate(model, backend, cfg, collate_fn, amp)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(run(name))
     embs = {}
-    for name in times:
+    for name in times:  # run() left pack_lines at the last path; set it for each embedding explicitly
         model.recipe_encoder.pack_lines = name == "packed"
         embs[name] = embed_rows(model, backend.val_batches(bs), collate_fn, torch.device("cpu"), 0, amp)[1]
     med = {k: _median(v) for k, v in times.items()}

@@ -13,7 +13,7 @@ Padding rules (where H-T's ``mask[:, 0]`` trick is made exact):
 * lines: only non-empty lines go through the word-level encoder (empty lines are the bulk of a padded
   ``(B, N, T)`` batch, so this saves most of the work); empty lines get a 0 embedding and are masked out of
   the merger.
-* packing (training only, ``RecipeEncoder.pack_lines``, set by ``train.pack_lines``): the word-level encoders'
+* packing (``RecipeEncoder.pack_lines``, set by ``train.pack_lines`` on a training model): the word-level encoders'
   lines are packed several to a row (:func:`pack_lines`), each line attending only to itself with its own
   positions, so the padding of short lines (half of the ingredient tokens of a batch) is not computed. Same
   maths per line as the padded batch, up to float summation order. In eval mode a packing encoder packs only
