@@ -137,3 +137,18 @@ def test_study_statistics_pair_seeds_and_draw(tmp_path, monkeypatch):
     assert (tmp_path / "s.png").stat().st_size > 10_000
     table = study.table(res)
     assert "| no_critic | 27.0 ± " in table and "| 2.0 ± 2.5 |" in table
+
+
+def test_study_settings_are_valid_configs(monkeypatch):
+    """Every study setting's preset and overrides load as a config, and each differs from full where it says."""
+    from tnlbt.config import Config
+
+    study = _bench_module("study", monkeypatch)
+    loaded = {}
+    for name, (preset, more) in study.SETTINGS.items():
+        loaded[name] = Config.load(preset, [m.format(full_steps=66) for m in more])
+    full = loaded["full"]
+    assert loaded["low_itm"].loss.w_itm == 0.2 and full.loss.w_itm == 1.0
+    assert loaded["low_itm"].model == full.model and loaded["low_itm"].train == full.train
+    assert not loaded["no_cross_decoder"].model.cross_decoder and full.model.cross_decoder
+    assert loaded["small_batch_steps"].train.max_steps_per_epoch == 66
