@@ -148,7 +148,7 @@ def test_study_settings_are_valid_configs(monkeypatch):
     for name, (preset, more) in study.SETTINGS.items():
         loaded[name] = Config.load(preset, [m.format(full_steps=66) for m in more])
     full = loaded["full"]
-    assert loaded["low_itm"].loss.w_itm == 0.2 and full.loss.w_itm == 1.0
-    assert loaded["low_itm"].model == full.model and loaded["low_itm"].train == full.train
+    assert loaded["itm_1"].loss.w_itm == 1.0 and full.loss.w_itm == 0.2
+    assert loaded["itm_1"].model == full.model and loaded["itm_1"].train == full.train
     assert not loaded["no_cross_decoder"].model.cross_decoder and full.model.cross_decoder
     assert loaded["small_batch_steps"].train.max_steps_per_epoch == 66
