@@ -107,11 +107,15 @@ def _n_paired(data: Path) -> int:
     return int(json.loads((data / "stats.json").read_text())["splits"]["train"]["paired"])
 
 
+def setting_overrides(setting: str, full_steps: int) -> list[str]:
+    """A setting's own ``key=value`` overrides, with ``{full_steps}`` (full's paired steps per epoch) filled in."""
+    return [m.format(full_steps=full_steps) for m in SETTINGS[setting][1]]
+
+
 def commands(setting: str, seed: int, data: Path, runs_dir: Path, epochs: int, extra: list[str]) -> list[list[str]]:
     """The ``tnlbt train --no-ray`` and ``tnlbt eval`` command lines of one run."""
-    preset, more = SETTINGS[setting]
-    full_steps = _n_paired(data) // _global_batch(SETTINGS[BASE][0])[0]
-    more = [m.format(full_steps=full_steps) for m in more]
+    preset = SETTINGS[setting][0]
+    more = setting_overrides(setting, _n_paired(data) // _global_batch(SETTINGS[BASE][0])[0])
     batch, _ = _global_batch(preset)
     run = runs_dir / f"{setting}_s{seed}"
     train = [*_tnlbt(), "train", "--no-ray", "--config", preset, "--data", str(data), "--name", run.name,

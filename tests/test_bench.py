@@ -144,10 +144,11 @@ def test_study_settings_are_valid_configs(monkeypatch):
     from tnlbt.config import Config
 
     study = _bench_module("study", monkeypatch)
-    loaded = {}
-    for name, (preset, more) in study.SETTINGS.items():
-        loaded[name] = Config.load(preset, [m.format(full_steps=66) for m in more])
+    loaded = {name: Config.load(preset, study.setting_overrides(name, 66))
+              for name, (preset, _) in study.SETTINGS.items()}
     full = loaded["full"]
+    # the ablation presets extend demo_cpu, so they train the decoder at full's ITM weight, not the old 1.0
+    assert all(c.loss.w_itm == full.loss.w_itm for n, c in loaded.items() if n != "itm_1")
     assert loaded["itm_1"].loss.w_itm == 1.0 and full.loss.w_itm == 0.2
     assert loaded["itm_1"].model == full.model and loaded["itm_1"].train == full.train
     assert not loaded["no_cross_decoder"].model.cross_decoder and full.model.cross_decoder
