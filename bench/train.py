@@ -5,7 +5,8 @@ Every section follows bench/_quiet.py: it refuses to run when the 1-minute load 
 results are printed, never written into bench/results/).
 
 Sections:
-  peak     matmul peak of this machine, fp32 and bf16 (2048^3 GEMMs, best of a few), GFLOP/s
+  peak     matmul peak of this machine, fp32 and bf16 (2048^3 GEMMs, best of a few, smaller for a dtype the CPU
+           emulates: bf16 without bf16 units), GFLOP/s
   step     the real training step (TrainStep + the loop's update: finite checks, clipping, optimisers) of a
            preset at one worker's rows, on tnlbt synth recipes: paired and recipe-only step times, each timed in
            a child process that also measures the matmul peak between its steps (same process, same minute);
@@ -75,19 +76,31 @@ def _save(section: str, data: dict[str, Any], quiet: dict[str, Any], out: Path =
 
 
 # -- peak ----------------------------------------------------------------------------------------------------
-def matmul_peak(n: int = 2048, reps: int = 5) -> dict[str, float]:
+def matmul_peak(n: int = 2048, reps: int = 5, max_s: float = 0.5) -> dict[str, float]:
+    """Best-of-``reps`` square GEMM GFLOP/s in fp32 and bf16 at size ``n``, or smaller for a dtype this CPU runs
+    slowly: a CPU without bf16 units emulates bf16 GEMMs at ~0.3 GFLOP/s (Zen 2, against fp32's 88), where one
+    2048^3 product takes a minute. A 512^3 probe estimates the time at ``n``; the size halves until one product
+    fits in ``max_s``. The size used is recorded per dtype."""
     import torch
 
-    out = {}
+    out: dict[str, float] = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        probe = torch.randn(512, 512, dtype=dt)
+        t = time.perf_counter()
+        probe @ probe
+        per_flop = (time.perf_counter() - t) / (2 * 512**3)
+        m = n
+        while m > 256 and 2 * m**3 * per_flop > max_s:
+            m //= 2
+        a, b = torch.randn(m, m, dtype=dt), torch.randn(m, m, dtype=dt)
         a @ b  # warm-up
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t)
-        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
+        out[f"{name}_gflops"] = 2 * m**3 / best / 1e9
+        out[f"{name}_n"] = m
     out["n"] = n
     out["threads"] = torch.get_num_threads()
     return out
@@ -433,6 +446,19 @@ class _Kid:
         self.proc.wait(timeout=60)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name and family/model numbers (two boxes both called "AMD EPYC" differ: AVX512 or not)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return "unknown"
+    f = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    f = {k.strip(): v.strip() for k, v in f.items()}
+    simd = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in f.get("flags", "").split()]
+    where = f"family {f.get('cpu family', '?')} model {f.get('model', '?')}"
+    return f"{f.get('model name', '?')} ({where}; {' '.join(simd)})"
+
+
 def _median(xs: list[float]) -> float:
     import statistics
 
@@ -444,12 +470,17 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
                ) -> dict[str, Any]:
     """Paired and recipe-only steps of ``preset`` (this tree, and ``baseline``'s when given) against the matmul
     peak of the same process, interleaved over ``rounds`` rounds; medians, ratios, FLOPs, profile.
-    ``variants``: more children of this tree, name -> config overrides (one lever off, say), bf16 only."""
+    ``variants``: more children of this tree, name -> config overrides (one lever off, say), each at the precision
+    ``train.precision: auto`` takes on this machine (bf16 with bf16 units, else fp32), which is also the one
+    profiled: that is the step users of this machine get."""
     import tempfile
 
     import torch
 
     from tnlbt.config import Config
+    from tnlbt.train.precision import cpu_has_bf16
+
+    primary = "bf16" if cpu_has_bf16() else "fp32"
 
     cfg = Config.load(str(_preset_path(ROOT, preset)))
     per_worker = cfg.train.batch_size * cfg.scaling.cache_steps
@@ -465,13 +496,14 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
     kids: dict[str, _Kid] = {}
     res: dict[str, Any] = {"preset": preset, "threads": threads, "rounds": rounds,
                            "trees": {k: str(v) for k, v in trees.items()}, "vocab_size": vocab,
-                           "n_ingredients": n_ing, "data": "tnlbt synth recipes, tokenised; random 64 px images"}
+                           "n_ingredients": n_ing, "data": "tnlbt synth recipes, tokenised; random 64 px images",
+                           "auto_precision": primary, "cpu": _cpu_name()}
     try:
         for tree, root in trees.items():
             for prec in precisions:
                 kids[f"{tree}_{prec}"] = _Kid(root, data, preset, prec, threads, [])
         for name, overrides in (variants or {}).items():
-            kids[f"{name}_bf16"] = _Kid(ROOT, data, preset, "bf16", threads, overrides)
+            kids[f"{name}_{primary}"] = _Kid(ROOT, data, preset, primary, threads, overrides)
             res.setdefault("variants", {})[name] = overrides
         for name, kid in kids.items():  # warm-up, one child at a time
             for _ in range(2):
@@ -520,9 +552,10 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
                     ratios[f"{kind}_{prec}_new_over_old_per_round"] = per_round(f"new_{prec}", f"old_{prec}", kind)
         for name in variants or {}:
             for kind in ("paired", "recipe_only"):
-                ratios[f"{kind}_bf16_{name}_over_new"] = round(
-                    res[f"{name}_bf16"][kind]["median_s"] / res["new_bf16"][kind]["median_s"], 4)
-                ratios[f"{kind}_bf16_{name}_over_new_per_round"] = per_round(f"{name}_bf16", "new_bf16", kind)
+                ratios[f"{kind}_{primary}_{name}_over_new"] = round(
+                    res[f"{name}_{primary}"][kind]["median_s"] / res[f"new_{primary}"][kind]["median_s"], 4)
+                ratios[f"{kind}_{primary}_{name}_over_new_per_round"] = per_round(
+                    f"{name}_{primary}", f"new_{primary}", kind)
         if {"fp32", "bf16"} <= set(precisions):
             for tree in trees:
                 for kind in ("paired", "recipe_only"):
@@ -531,8 +564,8 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
                     ratios[f"{kind}_{tree}_bf16_speedup_over_fp32_per_round"] = per_round(
                         f"{tree}_fp32", f"{tree}_bf16", kind)
         res["ratios"] = ratios
-        if profile_steps:  # the bf16 step of each tree (profiling every variant would double the run)
-            for name in [n for n in (f"{t}_bf16" for t in trees) if n in kids]:
+        if profile_steps:  # each tree's step at auto's precision (profiling every variant would double the run)
+            for name in [n for n in (f"{t}_{primary}" for t in trees) if n in kids]:
                 res[name]["profile"] = kids[name].ask("profile", steps=profile_steps)
     finally:
         for kid in kids.values():
@@ -777,7 +810,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="step: torch threads of each step process")
     ap.add_argument("--profile-steps", type=int, default=2, help="step: profiled steps per kind (0 = none)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                    help="step: another bf16 child of this tree with these overrides (e.g. one lever off)")
+                    help="step: another child of this tree with these overrides (one lever off), at auto's precision")
     ap.add_argument("--micro", type=int, default=16, help="memory: micro-batch with the cache")
     ap.add_argument("--budget-mib", type=float, default=256.0)
     ap.add_argument("--max-global", type=int, default=2048)

@@ -153,3 +153,13 @@ def test_study_settings_are_valid_configs(monkeypatch):
     assert loaded["itm_1"].model == full.model and loaded["itm_1"].train == full.train
     assert not loaded["no_cross_decoder"].model.cross_decoder and full.model.cross_decoder
     assert loaded["small_batch_steps"].train.max_steps_per_epoch == 66
+
+
+def test_matmul_peak_shrinks_the_product_for_a_slow_dtype(monkeypatch):
+    """bench/train.py's peak: a dtype whose probe says one n^3 product would exceed max_s runs at a smaller size
+    (a CPU without bf16 units emulates bf16 GEMMs ~300x slower than fp32; 2048^3 took a minute on Zen 2)."""
+    train = _bench_module("train", monkeypatch)
+    fast = train.matmul_peak(n=256, reps=1, max_s=10.0)
+    assert fast["fp32_n"] == fast["bf16_n"] == 256 and fast["fp32_gflops"] > 0
+    slow = train.matmul_peak(n=1024, reps=1, max_s=1e-9)  # every product "too slow": the floor, 256
+    assert slow["fp32_n"] == slow["bf16_n"] == 256 and slow["bf16_gflops"] > 0 and slow["n"] == 1024

@@ -28,7 +28,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     ``auto``: bf16 on CUDA devices that support it; on CPU bf16 when the CPU has bf16 units, else fp32.
     Measured on the quiet 2-core build box (AMD EPYC, AVX512-BF16, no AMX), interleaved in one run: the demo_cpu
     paired step runs 1.44 x faster under bf16 autocast than in fp32 (a 2048^3 GEMM alone: 398 against
-    168 GFLOP/s; bench/results/train.json, ``step``), which is why ``auto`` takes bf16 on such CPUs.
+    168 GFLOP/s; bench/results/train.json, ``step``), which is why ``auto`` takes bf16 on such CPUs. Without bf16
+    units it must not: on a Zen 2 EPYC (AVX2 only) torch emulates bf16 GEMMs at ~1 GFLOP/s against fp32's
+    83-100 (bench/results/train_zen2.json, ``peak``), so a forced ``bf16`` there is ~80x slower.
     Parameters, optimiser state and the losses stay fp32 (autocast only lowers matmuls/convs), so no loss scaling
     is needed. ``fp32`` / ``bf16`` force the choice (tests use fp32 for exact comparisons).
     """
