@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -144,6 +145,8 @@ def test_local_run_learns_and_checkpoints(tmp_path: Path, toy_data: Path) -> Non
     # margin grows with progress (incremental schedule, per step)
     margins = [r["margin"] for r in train]
     assert margins[0] < margins[-1]
+    # every record says how long the rest of the run will take; the last one, nothing
+    assert all(r["eta_s"] >= 0 for r in train) and train[-1]["eta_s"] == 0.0 and train[0]["eta_s"] > 0
     from tnlbt.train.checkpoint import is_complete, load_train_state
 
     for name in ("last", "best"):
@@ -315,3 +318,11 @@ def test_metrics_log_keeps_whole_lines_when_the_disk_fills(tmp_path: Path, monke
     w.write({"kind": "val", "step": 4})
     w.close()
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 3, 4]
+
+
+def test_eta_is_the_mean_pace_times_the_steps_left() -> None:
+    from tnlbt.train.loop import eta_seconds, format_eta
+
+    assert eta_seconds(elapsed_s=30.0, steps_done=10, steps_left=40) == 120.0
+    assert math.isnan(eta_seconds(5.0, 0, 40)) and format_eta(float("nan")) == "?"
+    assert [format_eta(x) for x in (0.4, 42.0, 545.0, 3720.0)] == ["0s", "42s", "9m05s", "1h02m"]

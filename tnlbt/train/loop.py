@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -229,6 +230,21 @@ def _next_synced(it: Iterator[Rows] | None, backend: Backend) -> Rows | None:
     return rows
 
 
+def eta_seconds(elapsed_s: float, steps_done: int, steps_left: int) -> float:
+    """Seconds until the last step at this process's mean pace so far (NaN before its first step)."""
+    return steps_left * elapsed_s / steps_done if steps_done > 0 else float("nan")
+
+
+def format_eta(seconds: float) -> str:
+    """``1h02m``, ``9m05s``, ``42s``; ``?`` while unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 # -- the epochs ----------------------------------------------------------------------------------------------
 class _Training:
     """The epoch loop of one worker after set-up: its steps, logging, checkpoints and the counters between them."""
@@ -265,6 +281,9 @@ class _Training:
         self.use_recipe_only = cfg.train.recipe_only_every > 0 and cfg.loss.w_recipe_ssl > 0
         self.recipe_it: Iterator[Rows] | None = None
         self.t_log, self.samples_log = time.perf_counter(), 0  # throughput since the last log line
+        # the ETA's clock: this process's steps so far (a resumed run starts at its checkpoint's step), with the
+        # validations and checkpoints between them, so the estimate covers what the remaining epochs will cost
+        self.t_start, self.step_start = time.perf_counter(), state.step
         self.last_terms: dict[str, float] = {}
         self.ro_terms: dict[str, float] = {}  # the last recipe-only step's terms (logged with the next paired step)
         self.bad_batches = 0
@@ -416,18 +435,21 @@ class _Training:
             "margin": margin,
             "skipped_steps": state.skipped_steps,
             "bad_batches": self.bad_batches,
+            "eta_s": round(eta_seconds(time.perf_counter() - self.t_start, state.step - self.step_start,
+                                       self.total_steps - state.step), 1),
         }
         rec.update({f"loss/{k}": float(v) for k, v in {**terms, **self.ro_terms}.items() if k != "active_fraction"})
         rec["active_fraction"] = float(terms.get("active_fraction", float("nan")))
         self.writer.write(rec)
         self.run.publish_metrics(force=False)
         log.info(
-            "epoch %d step %d (%d/%d) %.1f samples/s lr %.2e margin %.3f | %s",
+            "epoch %d step %d (%d/%d) %.1f samples/s eta %s lr %.2e margin %.3f | %s",
             epoch,
             state.step,
             state.epoch_step,
             spe,
             rec["samples_per_s"],
+            format_eta(rec["eta_s"]),
             rec["lr"],
             margin,
             " ".join(f"{k} {float(v):.4f}" for k, v in terms.items()),
