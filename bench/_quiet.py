@@ -9,8 +9,9 @@ by 15-26x), so a benchmark calls :func:`from_args` before it measures anything:
   writes says ``"quiet": {"valid": false, ...}``. Such results never belong in ``bench/results/``.
 
 What comes back (and goes into the results) records the load at the start; :func:`finish` adds the load at the
-end. Ratios against a limit measured in the same process and minute (a matmul peak, the previous code path,
-interleaved) stay meaningful under mild load; absolute figures do not.
+end and the CPU it ran on (:func:`cpu_model`: two boxes both called "AMD EPYC", one with AVX512-BF16 and one
+without, differed 1.8-2.9x). Ratios against a limit measured in the same process and minute (a matmul peak, the
+previous code path, interleaved) stay meaningful under mild load; absolute figures do not.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 MAX_LOAD_1M = 1.5
@@ -40,6 +42,19 @@ def cpu_ticks() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return sum(fields[:8]), (fields[7] if len(fields) > 7 else 0)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, family/model numbers and the SIMD that decides its speed, e.g. ``AMD EPYC (family
+    23 model 49; avx2)``: a model name alone does not tell a Zen 2 from a Zen 4."""
+    try:
+        head = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return "unknown"
+    f = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in head.splitlines() if ":" in line)}
+    simd = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in f.get("flags", "").split()]
+    where = f"family {f.get('cpu family', '?')} model {f.get('model', '?')}"
+    return f"{f.get('model name', '?')} ({where}; {' '.join(simd) or 'no avx2'})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +106,7 @@ def finish(info: dict[str, Any], max_end_load: float | None = None) -> dict[str,
     (another job started meanwhile) is marked invalid too."""
     out = dict(info)
     out["load_average_at_end"] = load_average()
+    out["cpu"] = cpu_model()
     start, end = out.pop("_ticks", None), cpu_ticks()
     if start and end and end[0] > start[0]:
         out["cpu_steal_fraction"] = round((end[1] - start[1]) / (end[0] - start[0]), 4)

@@ -400,10 +400,7 @@ def _run_worker(*args: str) -> dict:
 
 
 def machine_info() -> dict:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    cpu = _quiet.cpu_model()
     mem_gb = None
     with contextlib.suppress(OSError, ValueError, StopIteration):
         lines = Path("/proc/meminfo").read_text().splitlines()

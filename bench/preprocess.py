@@ -275,14 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))
 
+    # only the corpora the chosen part reads (generating the 50k memory corpus alone takes minutes)
+    sizes = ({n_tp} if args.only == "throughput" else set(mem_sizes) if args.only == "memory"
+             else {n_tp, *mem_sizes})
     corpora: dict[int, Path] = {}
     gen_info = {}
     if base_n:
         gen_info = make_base(work / f"base{base_n}", base_n, workers=2)
-        for n in {n_tp, *mem_sizes}:
+        for n in sizes:
             corpora[n] = tile_corpus(work / f"base{base_n}", work / f"tiled{n}", n)
     else:
-        for n in {n_tp, *mem_sizes}:
+        for n in sizes:
             gen_info[n] = make_base(work / f"synth{n}", n, workers=2)
             corpora[n] = work / f"synth{n}"
 
@@ -351,7 +354,7 @@ def _machine(load_start: list[float]) -> dict[str, Any]:
         "python": platform.python_version(),
         "loadavg_start": load_start,
         "loadavg_end": list(os.getloadavg()),
-        "note": "shared 2-core box; other jobs ran at the same time (see loadavg)",
+        "cpu": _quiet.cpu_model(),  # whether the box was quiet is the "quiet" record's (bench/_quiet.py)
     }
 
 

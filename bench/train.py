@@ -446,19 +446,6 @@ class _Kid:
         self.proc.wait(timeout=60)
 
 
-def _cpu_name() -> str:
-    """The CPU's model name and family/model numbers (two boxes both called "AMD EPYC" differ: AVX512 or not)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        return "unknown"
-    f = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    f = {k.strip(): v.strip() for k, v in f.items()}
-    simd = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in f.get("flags", "").split()]
-    where = f"family {f.get('cpu family', '?')} model {f.get('model', '?')}"
-    return f"{f.get('model name', '?')} ({where}; {' '.join(simd)})"
-
-
 def _median(xs: list[float]) -> float:
     import statistics
 
@@ -497,7 +484,7 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
     res: dict[str, Any] = {"preset": preset, "threads": threads, "rounds": rounds,
                            "trees": {k: str(v) for k, v in trees.items()}, "vocab_size": vocab,
                            "n_ingredients": n_ing, "data": "tnlbt synth recipes, tokenised; random 64 px images",
-                           "auto_precision": primary, "cpu": _cpu_name()}
+                           "auto_precision": primary, "cpu": _quiet.cpu_model()}
     try:
         for tree, root in trees.items():
             for prec in precisions:
