@@ -8,7 +8,20 @@ actor pools, which is what makes an autoscaler add nodes.
 
 from __future__ import annotations
 
+import logging
 import os
+
+# Ray Train V2's PlacementGroupCleaner asks the State API (served by the dashboard) every second whether the train
+# controller is alive. The local Ray below runs without the dashboard, so every ask fails and logs a warning:
+# 1,213 lines in one 21-minute demo, burying the training log. Its safety net (removing a dead controller's
+# placement group) needs that API, so here it could never act anyway; the local Ray's workers lower its logger.
+_NOISY_WITHOUT_DASHBOARD = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """``worker_process_setup_hook`` of a local Ray: silence warnings that only say the dashboard is off."""
+    for name in _NOISY_WITHOUT_DASHBOARD:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> bool:
@@ -24,5 +37,6 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> b
         ray.init(address=address, log_to_driver=log_to_driver)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no token files in ~/.ray
-    ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=log_to_driver)
+    ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=log_to_driver,
+             runtime_env={"worker_process_setup_hook": "tnlbt.ray_init.quiet_worker_logs"})
     return True
