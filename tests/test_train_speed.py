@@ -457,3 +457,23 @@ def test_packed_fast_dropout_forward_replays_exactly_for_the_feature_cache() -> 
         assert torch.equal(a, r.detach())
     terms = step.paired_step([b, _batch(cfg, 6, seed=3)], 0.1)
     assert all(math.isfinite(v) for v in terms.values())
+
+
+def test_precision_auto_takes_fp32_without_bf16_units_and_a_forced_bf16_warns(monkeypatch, caplog) -> None:
+    """On a CPU without bf16 units torch emulates bf16 (~80x slower GEMMs on a Zen 2): auto trains in fp32
+    there, and a forced bf16 is kept (the user asked) but said to be slow."""
+    import logging
+
+    from tnlbt.train import precision as P
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
+    assert P.resolve_precision("auto", cpu) is None and P.resolve_precision("fp32", cpu) is None
+    with caplog.at_level(logging.WARNING, logger=P.__name__):
+        assert P.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert "without bf16 units" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING, logger=P.__name__):
+        assert P.resolve_precision("auto", cpu) is torch.bfloat16 and P.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert caplog.text == ""
