@@ -354,8 +354,7 @@ def _machine(load_start: list[float]) -> dict[str, Any]:
         "python": platform.python_version(),
         "loadavg_start": load_start,
         "loadavg_end": list(os.getloadavg()),
-        "cpu": _quiet.cpu_model(),  # whether the box was quiet is the "quiet" record's (bench/_quiet.py)
-    }
+    }  # the CPU, and whether the box was quiet, are in the "quiet" record (bench/_quiet.py)
 
 
 if __name__ == "__main__":

@@ -465,9 +465,9 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
     import torch
 
     from tnlbt.config import Config
-    from tnlbt.train.precision import cpu_has_bf16
+    from tnlbt.train.precision import resolve_precision
 
-    primary = "bf16" if cpu_has_bf16() else "fp32"
+    primary = "bf16" if resolve_precision("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
 
     cfg = Config.load(str(_preset_path(ROOT, preset)))
     per_worker = cfg.train.batch_size * cfg.scaling.cache_steps
@@ -484,7 +484,7 @@ def step_bench(preset: str, baseline: str | None, rounds: int, precisions: list[
     res: dict[str, Any] = {"preset": preset, "threads": threads, "rounds": rounds,
                            "trees": {k: str(v) for k, v in trees.items()}, "vocab_size": vocab,
                            "n_ingredients": n_ing, "data": "tnlbt synth recipes, tokenised; random 64 px images",
-                           "auto_precision": primary, "cpu": _quiet.cpu_model()}
+                           "auto_precision": primary}  # the CPU is in the "quiet" record
     try:
         for tree, root in trees.items():
             for prec in precisions:
