@@ -137,6 +137,9 @@ def test_study_statistics_pair_seeds_and_draw(tmp_path, monkeypatch):
     assert (tmp_path / "s.png").stat().st_size > 10_000
     table = study.table(res)
     assert "| no_critic | 27.0 ± " in table and "| 2.0 ± 2.5 |" in table
+    ft = study.forms_table(res).splitlines()
+    assert ft[0] == "| setting | full | title |"
+    assert ft[3].startswith("| no_critic | 27.0 ± 13.8 (Δ +2.0) | 54.0 ± 27.7 (Δ +4.0) |")  # r2i medR per form
 
 
 def test_study_settings_are_valid_configs(monkeypatch):
@@ -153,6 +156,11 @@ def test_study_settings_are_valid_configs(monkeypatch):
     assert loaded["itm_1"].model == full.model and loaded["itm_1"].train == full.train
     assert not loaded["no_cross_decoder"].model.cross_decoder and full.model.cross_decoder
     assert loaded["small_batch_steps"].train.max_steps_per_epoch == 66
+    assert (loaded["partial_aug"].train.partial_recipes, loaded["partial_aug_0.2"].train.partial_recipes,
+            full.train.partial_recipes) == (0.5, 0.2, 0.0)
+    assert loaded["no_recipe_only"].train.recipe_only_every == 0 and full.train.recipe_only_every > 0
+    assert loaded["no_recipe_only"].loss.w_recipe_ssl == full.loss.w_recipe_ssl > 0
+    assert loaded["recipe_ssl_0.3"].loss.w_recipe_ssl == 0.3
 
 
 def test_matmul_peak_shrinks_the_product_for_a_slow_dtype(monkeypatch):
@@ -163,3 +171,16 @@ def test_matmul_peak_shrinks_the_product_for_a_slow_dtype(monkeypatch):
     assert fast["fp32_n"] == fast["bf16_n"] == 256 and fast["fp32_gflops"] > 0
     slow = train.matmul_peak(n=1024, reps=1, max_s=1e-9)  # every product "too slow": the floor, 256
     assert slow["fp32_n"] == slow["bf16_n"] == 256 and slow["bf16_gflops"] > 0 and slow["n"] == 1024
+
+
+def test_parallel_ceiling_times_independent_decoders_started_together(monkeypatch):
+    """bench/preprocess.py's ceiling: k worker processes each decode passes x n photos; the rate counts them all
+    over the span from the first start to the last end (the workers' clocks are the machine's one monotonic)."""
+    import pytest
+
+    pre = _bench_module("preprocess", monkeypatch)
+    one = pre.parallel_ceiling(1, n=3, size=64, passes=2)
+    two = pre.parallel_ceiling(2, n=3, size=64, passes=2)
+    assert (one["procs"], one["photos"], two["photos"]) == (1, 6, 12)
+    assert one["seconds"] > 0 and two["seconds"] > 0
+    assert two["photos_per_s"] == pytest.approx(12 / two["seconds"], rel=0.1)  # seconds is rounded to 1 ms
