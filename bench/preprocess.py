@@ -12,9 +12,17 @@ Generating 50k distinct recipes takes ~15 min on 2 cores, tiling takes seconds; 
 used.
 
 Each measurement runs in a fresh child process that starts its own local Ray with ``num_cpus`` = the CPU count
-under test (Ray start-up is excluded from the rates and reported apart). Peak memory is the largest summed RSS
+under test, pinned (``sched_setaffinity``, inherited by Ray's processes) to that many cores: an "N CPU" run has N
+cores for everything, the driver's read and Ray's own processes included (``--no-pin``, the earlier method,
+limits only Ray's task slots, so a 1-CPU run still had a second core for the rest). Ray start-up is excluded from
+the rates and reported apart. Peak memory is the largest summed RSS
 of the child's whole process tree (driver, raylet, GCS, workers), sampled every 0.2 s, plus the driver's own
 peak.
+
+With 2 CPUs the speed-up over 1 is set against this box's own ceiling, measured in the same minute between the
+throughput runs (``parallel_ceiling``): 1 and then 2 independent processes decoding the same photos, started
+together. No preprocess can scale better than two processes that share nothing; a 2-vCPU VM whose vCPUs are
+one core's two hyperthreads, or a throttled host, shows a ceiling well under 2.
 
 ``--only decode`` times the per-photo work of a preprocess task alone (``decode_image``: decode, convert,
 resize to ``image_short_side`` 256, JPEG re-encode) on generator photos rendered at several source sizes, in
@@ -141,7 +149,9 @@ def tile_corpus(base: Path, out: Path, n: int) -> Path:
 
 
 # -- one measurement (child process) -------------------------------------------------------------------------
-def child(data: str, out: str, cpus: int) -> dict[str, Any]:
+def child(data: str, out: str, cpus: int, pin: bool) -> dict[str, Any]:
+    if pin:  # before Ray starts: the raylet, the GCS and every worker inherit the driver's CPU set
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     sampler = PeakSampler(os.getpid())
@@ -161,6 +171,7 @@ def child(data: str, out: str, cpus: int) -> dict[str, Any]:
     peak = sampler.stop()
     return {
         "cpus": cpus,
+        "pinned_to": sorted(os.sched_getaffinity(0)) if pin else None,
         "recipes": stats["records"]["input"],
         "photos_ok": stats["photos"]["ok"],
         "seconds": round(wall, 2),
@@ -178,9 +189,10 @@ def child(data: str, out: str, cpus: int) -> dict[str, Any]:
     }
 
 
-def run_child(data: Path, out: Path, cpus: int, tmp: Path) -> dict[str, Any]:
+def run_child(data: Path, out: Path, cpus: int, tmp: Path, pin: bool = True) -> dict[str, Any]:
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, __file__, "--child", "--data", str(data), "--out", str(out), "--cpus", str(cpus)]
+    cmd = [sys.executable, __file__, "--child", "--data", str(data), "--out", str(out), "--cpus", str(cpus),
+           *(["--no-pin"] if not pin else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -194,20 +206,26 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return round(statistics.median(r[key] for r in runs), 1)
 
 
-def decode_cost(sizes: list[int], n: int, repeats: int, short_side: int = 256) -> dict[str, Any]:
-    """Median CPU ms per photo of ``decode_image`` for JPEGs rendered at each source size (one core)."""
+def _photo_blobs(n: int, size: int) -> list[bytes]:
     import io
 
-    from tnlbt.data.images import decode_image
     from tnlbt.data.synthetic import make_recipe, render_photo
+
+    blobs = []
+    for i in range(n):
+        buf = io.BytesIO()
+        render_photo(make_recipe(7, i), 0, size, 1.0, 7).save(buf, "JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    return blobs
+
+
+def decode_cost(sizes: list[int], n: int, repeats: int, short_side: int = 256) -> dict[str, Any]:
+    """Median CPU ms per photo of ``decode_image`` for JPEGs rendered at each source size (one core)."""
+    from tnlbt.data.images import decode_image
 
     out: dict[str, Any] = {}
     for size in sizes:
-        blobs = []
-        for i in range(n):
-            buf = io.BytesIO()
-            render_photo(make_recipe(7, i), 0, size, 1.0, 7).save(buf, "JPEG", quality=90)
-            blobs.append(buf.getvalue())
+        blobs = _photo_blobs(n, size)
         per_pass = []
         for _ in range(repeats):
             c0 = time.process_time()
@@ -225,6 +243,51 @@ def decode_cost(sizes: list[int], n: int, repeats: int, short_side: int = 256) -
             "note": "decode + RGB convert + resize + JPEG q90 re-encode, one core, CPU time (load-robust)"}
 
 
+def ceiling_worker(n: int, size: int, passes: int) -> dict[str, Any]:
+    """One process of ``parallel_ceiling``: build the photos, wait for "go" on stdin, decode, report the span."""
+    from tnlbt.data.images import decode_image
+
+    blobs = _photo_blobs(n, size)  # built before the start signal: only the decoding is timed
+    decode_image(blobs[0], short_side=256, quality=90)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process on the machine
+    for _ in range(passes):
+        for b in blobs:
+            decode_image(b, short_side=256, quality=90)
+    return {"start": t0, "end": time.perf_counter(), "photos": n * passes}
+
+
+def parallel_ceiling(procs: int, n: int = 100, size: int = 128, passes: int = 20) -> dict[str, Any]:
+    """Photos/s of ``procs`` independent processes decoding ``passes`` x ``n`` photos each, started together.
+
+    The work is a preprocess task's main cost (``decode_image``: decode, resize, re-encode), without Ray, files
+    or any shared state, so ``parallel_ceiling(2) / parallel_ceiling(1)`` bounds what 2 CPUs can give on this
+    box. Rate = all photos / (last end - first start).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # one CPU a process, as a task gets
+    cmd = [sys.executable, __file__, "--ceiling-worker", str(n), str(size), str(passes)]
+    workers = [subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for _ in range(procs)]
+    try:
+        for w in workers:
+            if w.stdout.readline().strip() != "ready":
+                raise RuntimeError("a ceiling worker failed before it was ready")
+        for w in workers:  # every worker is waiting: the start signal reaches them within microseconds
+            w.stdin.write("go\n")
+            w.stdin.flush()
+        spans = [json.loads(w.communicate(timeout=600)[0].strip().splitlines()[-1]) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:  # an error above left it waiting
+                w.kill()
+    if any(w.returncode for w in workers):
+        raise RuntimeError("a ceiling worker failed")
+    wall = max(x["end"] for x in spans) - min(x["start"] for x in spans)
+    photos = sum(x["photos"] for x in spans)
+    return {"procs": procs, "photos": photos, "seconds": round(wall, 3), "photos_per_s": round(photos / wall, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat")
@@ -233,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         "--mem-sizes", type=int, nargs=2, default=None, help="memory comparison sizes (10000 50000)"
     )
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    p.add_argument(
+        "--no-pin", dest="pin", action="store_false",
+        help="give every run all cores and limit only Ray's CPU count (before: the 1-CPU run's driver, raylet "
+             "and GCS used the second core)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="runs per setting, median reported (default 3)")
     p.add_argument(
         "--base",
@@ -250,10 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--ceiling-worker", type=int, nargs=3, metavar=("N", "SIZE", "PASSES"), help=argparse.SUPPRESS)
     _quiet.add_arguments(p)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.data, args.out, args.cpus[0])))
+        print(json.dumps(child(args.data, args.out, args.cpus[0], args.pin)))
+        return 0
+    if args.ceiling_worker:
+        print(json.dumps(ceiling_worker(*args.ceiling_worker)))
         return 0
     quiet = _quiet.from_args(args, "bench/preprocess.py")
 
@@ -302,10 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     corpus.update(base_distinct_recipes=base_n, tiled=bool(base_n), generator=gen_info)
     if args.only in (None, "throughput"):
         # Interleave the CPU settings (1, 2, 1, 2, ...) so that load from other jobs hits both alike.
+        # The box's own ceiling is measured between them, in the same minutes (see the module docstring).
         tp_runs: dict[int, list[dict[str, Any]]] = {cpus: [] for cpus in args.cpus}
+        ceil_runs: dict[int, list[dict[str, Any]]] = {cpus: [] for cpus in args.cpus}
         for _ in range(repeats):
             for cpus in args.cpus:
-                tp_runs[cpus].append(run_child(corpora[n_tp], work / "out", cpus, ray_tmp))
+                tp_runs[cpus].append(run_child(corpora[n_tp], work / "out", cpus, ray_tmp, args.pin))
+                ceil_runs[cpus].append(parallel_ceiling(cpus, passes=4 if quick else 20))
         throughput = {
             str(cpus): {
                 "recipes_per_s": _median(runs, "recipes_per_s"),
@@ -322,12 +397,19 @@ def main(argv: list[str] | None = None) -> int:
                 throughput[c[-1]]["recipes_per_s"] / throughput[c[0]]["recipes_per_s"], 2
             )
         }
+        ceiling = {str(cpus): {"photos_per_s": _median(runs, "photos_per_s"), "runs": runs}
+                   for cpus, runs in ceil_runs.items()}
+        ratio = ceiling[c[-1]]["photos_per_s"] / ceiling[c[0]]["photos_per_s"]
+        result["ceiling"] = ceiling
+        result["ceiling_speedup"] = {f"{c[-1]}_vs_{c[0]}": round(ratio, 2)}
+        result["speedup_share_of_ceiling"] = round(result["speedup"][f"{c[-1]}_vs_{c[0]}"] / ratio, 3)
         corpus["throughput_recipes"] = n_tp
+        result["pinned"] = args.pin
         result["machine_throughput"] = _machine(load_start)
     if args.only in (None, "memory"):
         memory: dict[str, Any] = {}
         for n in mem_sizes:
-            runs = [run_child(corpora[n], work / "out", max(args.cpus), ray_tmp) for _ in range(repeats)]
+            runs = [run_child(corpora[n], work / "out", max(args.cpus), ray_tmp, args.pin) for _ in range(repeats)]
             memory[str(n)] = {
                 "peak_tree_rss_mb": _median(runs, "peak_tree_rss_mb"),
                 "peak_driver_rss_mb": _median(runs, "peak_driver_rss_mb"),
@@ -343,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     result["quiet"] = _quiet.finish(quiet)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("speedup", "memory_ratio_tree", "memory_ratio_driver")
+    keys = ("speedup", "ceiling_speedup", "speedup_share_of_ceiling", "memory_ratio_tree", "memory_ratio_driver")
     print(json.dumps({k: result.get(k) for k in keys}))
     return 0
 
