@@ -328,13 +328,15 @@ def main() -> int:
     return 0
 
 
+def cell(x: dict[str, Any], pct: bool = False) -> str:
+    """An :func:`interval` as ``mean ± half-width`` (one decimal; ``pct``: in percent)."""
+    f = 100 if pct else 1
+    ci = "" if x["ci95"] is None else f" ± {x['ci95'] * f:.1f}"
+    return f"{x['mean'] * f:.1f}{ci}"
+
+
 def table(res: dict[str, Any]) -> str:
     """Markdown: per setting, test medR and R@1/R@10 both directions (mean ± 95%), and the paired medR change."""
-    def cell(x: dict[str, Any], pct: bool) -> str:
-        f = 100 if pct else 1
-        ci = "" if x["ci95"] is None else f" ± {x['ci95'] * f:.1f}"
-        return f"{x['mean'] * f:.1f}{ci}"
-
     rows = ["| setting | i2r medR | i2r R@1 % | i2r R@10 % | r2i medR | r2i R@10 % | Δ i2r medR vs full | Δ r2i medR |",
             "|---|---|---|---|---|---|---|---|"]
     for s in (s for s in SETTINGS if s in res["summary"]):
@@ -358,10 +360,8 @@ def forms_table(res: dict[str, Any], direction: str = "recipe_to_image") -> str:
     for s in order:
         cells = []
         for f in names:
-            m = forms[s][f][direction]["medR"]
-            ci = "" if m["ci95"] is None else f" ± {m['ci95']:.1f}"
             p = forms[s][f].get("paired_vs_full", {}).get(direction, {}).get("medR")
-            cells.append(f"{m['mean']:.1f}{ci}" + (f" (Δ {p['mean']:+.1f})" if p else ""))
+            cells.append(cell(forms[s][f][direction]["medR"]) + (f" (Δ {p['mean']:+.1f})" if p else ""))
         rows.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
