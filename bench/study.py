@@ -12,7 +12,9 @@ that budget), the best checkpoint is chosen on val (``best`` = highest val R@1),
   no_translation       generator + image critic off
   no_critic            modality critic off         no_recipe_ssl      recipe self-supervision off
   no_recipe_only       recipe SSL on the paired batches only: no recipe-only batches (splits no_recipe_ssl)
-  recipe_ssl_0.3       recipe SSL at weight 0.3 (paired and recipe-only batches)
+  recipe_ssl_1         recipe SSL at H-T's weight 1.0 (full: 0.3; in the grids before study_10ep_ssl.json `full` is
+                       1.0, and there `recipe_ssl_0.3` is today's full)
+  recipe_ssl_0.1       recipe SSL at weight 0.1 (paired and recipe-only batches)
   small_batch_epochs   global batch 10, equal epochs (6x the optimiser steps)
   small_batch_steps    global batch 10, equal optimiser steps (train.max_steps_per_epoch = full's steps)
   partial_aug          full + partial-recipe augmentation (train.partial_recipes = 0.5)
@@ -27,10 +29,11 @@ global batch instead of per worker.
 Statistics: per setting, mean and a 95% t-interval over seeds; per setting, the paired difference against ``full``
 on the same seeds (mean and 95% t-interval of the per-seed differences). Both directions, medR and R@1/5/10.
 
-Resumes: a run whose ``metrics_test.json`` exists and whose recorded commands match is reused; a half-trained run
-is trained again from scratch (deterministic, so the result is the same). ``--report`` only rewrites the JSON and
-the PNG from the runs on disk. Wall times carry the load average they were taken at (the results do not depend on
-the load: same seed, same numbers).
+Resumes: a run whose ``metrics_test.json`` exists, whose recorded commands match and whose recorded config is what
+its preset resolves to today is reused; a half-trained run, or one trained with an older preset, is trained again
+from scratch (deterministic, so the result is the same). ``--report`` only rewrites the JSON and the PNG from the
+runs on disk. Wall times carry the load average they were taken at (the results do not depend on the load: same
+seed, same numbers).
 
 Usage:
   python bench/study.py --data PROCESSED [--runs-dir runs/study] [--epochs 4] [--seeds 1,2,3]
@@ -69,7 +72,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "no_critic": ("ablation_no_critic", []),
     "no_recipe_ssl": ("ablation_no_recipe_ssl", []),
     "no_recipe_only": ("demo_cpu", ["train.recipe_only_every=0"]),
-    "recipe_ssl_0.3": ("demo_cpu", ["loss.w_recipe_ssl=0.3"]),
+    "recipe_ssl_1": ("demo_cpu", ["loss.w_recipe_ssl=1.0"]),
+    "recipe_ssl_0.1": ("demo_cpu", ["loss.w_recipe_ssl=0.1"]),
     "small_batch_epochs": ("ablation_small_batch", []),
     "small_batch_steps": ("ablation_small_batch", ["train.max_steps_per_epoch={full_steps}"]),
     "partial_aug": ("demo_cpu", ["train.partial_recipes=0.5"]),
@@ -118,17 +122,39 @@ def setting_overrides(setting: str, full_steps: int) -> list[str]:
     return [m.format(full_steps=full_steps) for m in SETTINGS[setting][1]]
 
 
+def train_overrides(setting: str, seed: int, data: Path, runs_dir: Path, epochs: int, extra: list[str]) -> list[str]:
+    """Every ``key=value`` a run's ``tnlbt train`` gets on top of its setting's preset."""
+    more = setting_overrides(setting, _n_paired(data) // _global_batch(SETTINGS[BASE][0])[0])
+    batch, _ = _global_batch(SETTINGS[setting][0])
+    return [f"train.runs_dir={runs_dir}", f"train.epochs={epochs}", f"train.seed={seed}",
+            "scaling.num_workers=1", f"train.batch_size={batch}", *more, *extra]
+
+
 def commands(setting: str, seed: int, data: Path, runs_dir: Path, epochs: int, extra: list[str]) -> list[list[str]]:
     """The ``tnlbt train --no-ray`` and ``tnlbt eval`` command lines of one run."""
-    preset = SETTINGS[setting][0]
-    more = setting_overrides(setting, _n_paired(data) // _global_batch(SETTINGS[BASE][0])[0])
-    batch, _ = _global_batch(preset)
     run = runs_dir / f"{setting}_s{seed}"
-    train = [*_tnlbt(), "train", "--no-ray", "--config", preset, "--data", str(data), "--name", run.name,
-             f"train.runs_dir={runs_dir}", f"train.epochs={epochs}", f"train.seed={seed}",
-             "scaling.num_workers=1", f"train.batch_size={batch}", *more, *extra]
+    train = [*_tnlbt(), "train", "--no-ray", "--config", SETTINGS[setting][0], "--data", str(data),
+             "--name", run.name, *train_overrides(setting, seed, data, runs_dir, epochs, extra)]
     evaluate = [*_tnlbt(), "eval", "--run", str(run), "--split", "test", "--data", str(data)]
     return [train, evaluate]
+
+
+def trained_as_now(run: Path, preset: str, overrides: list[str]) -> bool:
+    """Whether the run's recorded config (``config.json``) is what its preset and overrides resolve to today.
+
+    The command lines alone name a preset, not its values: when a preset changes (``demo_cpu`` took ITM weight
+    0.2, then recipe SSL weight 0.3), a run trained before must not be reused as ``full``. The data directory and
+    the run name are set by the command, not the preset, so they are left out of the comparison."""
+    from tnlbt.config import Config
+
+    path = run / "config.json"
+    if not path.exists():
+        return False
+    want, have = Config.load(preset, overrides).to_dict(), json.loads(path.read_text())
+    for d in (want, have):
+        d.get("data", {}).pop("processed_dir", None)
+        d.get("train", {}).pop("run_name", None)
+    return want == have
 
 
 def _val_curve(run: Path) -> list[dict[str, Any]]:
@@ -155,7 +181,9 @@ def run_one(setting: str, seed: int, data: Path, runs_dir: Path, epochs: int, ex
     record = run / "study_run.json"
     if record.exists() and (run / "metrics_test.json").exists():
         done = json.loads(record.read_text())
-        if done.get("commands") == [shlex.join(c) for c in cmds]:
+        same = done.get("commands") == [shlex.join(c) for c in cmds]
+        if same and trained_as_now(run, SETTINGS[setting][0], train_overrides(setting, seed, data, runs_dir,
+                                                                             epochs, extra)):
             return done | {"reused": True}
     if run.exists():
         shutil.rmtree(run)  # half-trained or trained with other commands: start clean (deterministic)

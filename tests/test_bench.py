@@ -160,7 +160,32 @@ def test_study_settings_are_valid_configs(monkeypatch):
             full.train.partial_recipes) == (0.5, 0.2, 0.0)
     assert loaded["no_recipe_only"].train.recipe_only_every == 0 and full.train.recipe_only_every > 0
     assert loaded["no_recipe_only"].loss.w_recipe_ssl == full.loss.w_recipe_ssl > 0
-    assert loaded["recipe_ssl_0.3"].loss.w_recipe_ssl == 0.3
+    assert (loaded["recipe_ssl_1"].loss.w_recipe_ssl, full.loss.w_recipe_ssl,
+            loaded["recipe_ssl_0.1"].loss.w_recipe_ssl) == (1.0, 0.3, 0.1)
+    assert loaded["ht_baseline"].loss.w_recipe_ssl == 1.0  # H-T's weight, although it extends demo_cpu
+
+
+def test_study_reuses_a_run_only_if_its_preset_still_resolves_to_what_it_trained(tmp_path, monkeypatch):
+    """A finished run is reused as a setting only while the preset resolves to the config it trained with: after
+    a preset's default changes (demo_cpu's recipe SSL weight did), the same command lines must train again."""
+    from tnlbt.config import Config
+
+    study = _bench_module("study", monkeypatch)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "stats.json").write_text(json.dumps({"splits": {"train": {"paired": 640}}}))
+    overrides = study.train_overrides("no_recipe_only", 2, data, tmp_path / "runs", 10, [])
+    assert "train.seed=2" in overrides and "train.recipe_only_every=0" in overrides
+    run = tmp_path / "runs" / "no_recipe_only_s2"
+    assert not study.trained_as_now(run, "demo_cpu", overrides)  # nothing recorded
+    run.mkdir(parents=True)
+    cfg = Config.load("demo_cpu", overrides).to_dict()
+    cfg["data"]["processed_dir"], cfg["train"]["run_name"] = str(data), run.name  # what the command sets
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert study.trained_as_now(run, "demo_cpu", overrides)
+    cfg["loss"]["w_recipe_ssl"] += 0.5  # trained under an older preset value
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert not study.trained_as_now(run, "demo_cpu", overrides)
 
 
 def test_matmul_peak_shrinks_the_product_for_a_slow_dtype(monkeypatch):
