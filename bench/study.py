@@ -15,6 +15,7 @@ that budget), the best checkpoint is chosen on val (``best`` = highest val R@1),
   recipe_ssl_1         recipe SSL at H-T's weight 1.0 (full: 0.3; in the grids before study_10ep_ssl.json `full` is
                        1.0, and there `recipe_ssl_0.3` is today's full)
   recipe_ssl_0.1       recipe SSL at weight 0.1 (paired and recipe-only batches)
+  ht_baseline_ssl_0.3  ht_baseline with full's recipe SSL weight 0.3: H-T against TNLBT at equal tuning
   small_batch_epochs   global batch 10, equal epochs (6x the optimiser steps)
   small_batch_steps    global batch 10, equal optimiser steps (train.max_steps_per_epoch = full's steps)
   partial_aug          full + partial-recipe augmentation (train.partial_recipes = 0.5)
@@ -74,6 +75,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "no_recipe_only": ("demo_cpu", ["train.recipe_only_every=0"]),
     "recipe_ssl_1": ("demo_cpu", ["loss.w_recipe_ssl=1.0"]),
     "recipe_ssl_0.1": ("demo_cpu", ["loss.w_recipe_ssl=0.1"]),
+    "ht_baseline_ssl_0.3": ("ht_baseline", ["loss.w_recipe_ssl=0.3"]),
     "small_batch_epochs": ("ablation_small_batch", []),
     "small_batch_steps": ("ablation_small_batch", ["train.max_steps_per_epoch={full_steps}"]),
     "partial_aug": ("demo_cpu", ["train.partial_recipes=0.5"]),

@@ -163,6 +163,8 @@ def test_study_settings_are_valid_configs(monkeypatch):
     assert (loaded["recipe_ssl_1"].loss.w_recipe_ssl, full.loss.w_recipe_ssl,
             loaded["recipe_ssl_0.1"].loss.w_recipe_ssl) == (1.0, 0.3, 0.1)
     assert loaded["ht_baseline"].loss.w_recipe_ssl == 1.0  # H-T's weight, although it extends demo_cpu
+    assert loaded["ht_baseline_ssl_0.3"].loss.w_recipe_ssl == full.loss.w_recipe_ssl
+    assert loaded["ht_baseline_ssl_0.3"].model == loaded["ht_baseline"].model
 
 
 def test_study_reuses_a_run_only_if_its_preset_still_resolves_to_what_it_trained(tmp_path, monkeypatch):
