@@ -132,11 +132,10 @@ def train_overrides(setting: str, seed: int, data: Path, runs_dir: Path, epochs:
             "scaling.num_workers=1", f"train.batch_size={batch}", *more, *extra]
 
 
-def commands(setting: str, seed: int, data: Path, runs_dir: Path, epochs: int, extra: list[str]) -> list[list[str]]:
-    """The ``tnlbt train --no-ray`` and ``tnlbt eval`` command lines of one run."""
-    run = runs_dir / f"{setting}_s{seed}"
+def commands(setting: str, run: Path, data: Path, overrides: list[str]) -> list[list[str]]:
+    """The ``tnlbt train --no-ray`` and ``tnlbt eval`` command lines of one run (``overrides``: train_overrides)."""
     train = [*_tnlbt(), "train", "--no-ray", "--config", SETTINGS[setting][0], "--data", str(data),
-             "--name", run.name, *train_overrides(setting, seed, data, runs_dir, epochs, extra)]
+             "--name", run.name, *overrides]
     evaluate = [*_tnlbt(), "eval", "--run", str(run), "--split", "test", "--data", str(data)]
     return [train, evaluate]
 
@@ -178,14 +177,14 @@ def _test_summary(run: Path) -> dict[str, Any]:
 
 def run_one(setting: str, seed: int, data: Path, runs_dir: Path, epochs: int, extra: list[str]) -> dict[str, Any]:
     """Train and evaluate one (setting, seed) unless a finished run with the same commands is on disk."""
-    cmds = commands(setting, seed, data, runs_dir, epochs, extra)
     run = runs_dir / f"{setting}_s{seed}"
+    overrides = train_overrides(setting, seed, data, runs_dir, epochs, extra)
+    cmds = commands(setting, run, data, overrides)
     record = run / "study_run.json"
     if record.exists() and (run / "metrics_test.json").exists():
         done = json.loads(record.read_text())
         same = done.get("commands") == [shlex.join(c) for c in cmds]
-        if same and trained_as_now(run, SETTINGS[setting][0], train_overrides(setting, seed, data, runs_dir,
-                                                                             epochs, extra)):
+        if same and trained_as_now(run, SETTINGS[setting][0], overrides):
             return done | {"reused": True}
     if run.exists():
         shutil.rmtree(run)  # half-trained or trained with other commands: start clean (deterministic)
